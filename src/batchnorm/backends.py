@@ -1,0 +1,87 @@
+"""The backend seam: the one place where a batch-norm call is routed to an implementation.
+
+A backend is a callable with the signature of :func:`batchnorm.functional.batch_norm`
+(without ``backend``) that receives already-validated arguments, plus a ``supports``
+predicate that says why it cannot take a given call (``None`` when it can).
+
+Backends shipped with the package:
+
+``"torch"``
+    Our closed-form autograd Function written in PyTorch tensor ops. Runs on every
+    device and dtype, supports every activation and residual; the fallback for everything.
+``"triton"``
+    Our Triton GPU kernels (``batchnorm.kernels``), registered when Triton imports.
+
+``backend="auto"`` picks ``"triton"`` for CUDA tensors when it is available and supports the
+call, and ``"torch"`` otherwise. Naming a backend explicitly never falls back silently: an
+unsupported call raises with the backend's reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    batch_norm: Callable[..., torch.Tensor]
+    # supports(input, weight, training, activation, residual) -> None or a reason string
+    supports: Callable[..., str | None]
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Backends that register themselves on import; imported lazily on first use.
+_LAZY = {"torch": "batchnorm.autograd", "triton": "batchnorm.kernels"}
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` callable as ``batch_norm(..., backend=backend.name)``."""
+    _REGISTRY[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    for name in _LAZY:
+        _load(name)
+    return sorted(_REGISTRY)
+
+
+def _load(name: str) -> Backend | None:
+    if name not in _REGISTRY and name in _LAZY and name not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(_LAZY[name])
+        except ImportError as error:  # e.g. Triton not installed
+            _IMPORT_ERRORS[name] = f"{type(error).__name__}: {error}"
+    return _REGISTRY.get(name)
+
+
+def resolve(name: str, input: torch.Tensor, weight, training, activation, residual) -> Backend:
+    """Return the backend that runs this call, or raise a clear error."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        if input.is_cuda:
+            triton = _load("triton")
+            if triton is not None and triton.supports(
+                input, weight, training, activation, residual
+            ) is None:
+                return triton
+        return _load("torch")
+    backend = _load(name)
+    if backend is None:
+        known = sorted(set(_LAZY) | set(_REGISTRY) | {"auto"})
+        if name in _IMPORT_ERRORS:
+            raise RuntimeError(f"backend={name!r} is not available: {_IMPORT_ERRORS[name]}")
+        raise ValueError(f"backend must be one of {known}, got {name!r}")
+    reason = backend.supports(input, weight, training, activation, residual)
+    if reason is not None:
+        raise NotImplementedError(
+            f"backend={name!r} does not support this call: {reason}. "
+            "Use backend='torch' (any device) or backend='auto' (falls back to 'torch')."
+        )
+    return backend

@@ -1,0 +1,63 @@
+"""Command line: ``batchnorm demo`` and ``batchnorm reproduce <experiment>``.
+
+Each experiment lives in one module under :mod:`batchnorm.repro` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them,
+importing an experiment when it is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# experiment name -> (module, one-line help)
+EXPERIMENTS = {
+    "mnist": ("batchnorm.repro.mnist", "Figure 1: MNIST MLP with and without BN (section 4.1)"),
+    "inception": ("batchnorm.repro.inception", "Figures 2-3: BN-Inception variants (section 4.2)"),
+    "lr-sweep": ("batchnorm.repro.lr_sweep", "Claim 1: learning rates x1..x30 with and without BN"),
+    "depth": ("batchnorm.repro.depth", "Claims 4-5: deep sigmoid networks with and without BN"),
+}
+COMMANDS = {
+    "demo": ("batchnorm.repro.demo", "Train a small BN model; population stats and folding agree"),
+}
+
+
+def _add(subparsers, name, module_name, help_text):
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        parser.set_defaults(_unavailable=f"'{name}' is not available in this version")
+        return
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch Normalization (Ioffe & Szegedy, 2015): demos and paper reproductions.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        _add(commands, name, module_name, help_text)
+    reproduce = commands.add_parser("reproduce", help="reproduce one of the paper's experiments")
+    experiments = reproduce.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, (module_name, help_text) in EXPERIMENTS.items():
+        _add(experiments, name, module_name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_unavailable", None):
+        print(f"batchnorm: {args._unavailable}", file=sys.stderr)
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""``batch_norm``: argument checks, then routing to a backend (:mod:`batchnorm.backends`).
+
+Same signature and semantics as :func:`torch.nn.functional.batch_norm`, plus three keyword-only
+arguments: ``activation`` and ``residual`` fuse ``y = activation(BN(x) + residual)``, and
+``backend`` chooses the implementation.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from batchnorm import backends
+from batchnorm.autograd import ACTIVATIONS
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Batch Normalization (Ioffe & Szegedy, 2015) over dimension 1 of ``input``.
+
+    In training (``training=True``) each channel ``c`` is normalized with the statistics of its
+    ``m = N * prod(spatial)`` values in this mini-batch (Algorithm 1):
+
+    .. math::
+        \mu = \frac{1}{m}\sum_i x_i,\quad \sigma^2 = \frac{1}{m}\sum_i (x_i-\mu)^2,\quad
+        y_i = \gamma\,\frac{x_i-\mu}{\sqrt{\sigma^2+\epsilon}} + \beta
+
+    and, if ``running_mean``/``running_var`` are given, they are updated in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance
+    ``m/(m-1) sigma^2``. In evaluation (``training=False``) BN is the fixed affine map of
+    Algorithm 2 built from the running statistics.
+
+    Args:
+        input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``, floating point,
+            any memory format (channels_last is kept).
+        running_mean, running_var: ``(C,)`` or both ``None`` (then only ``training=True`` works).
+        weight, bias: ``(C,)`` gamma and beta, or ``None`` for 1 and 0.
+        training: normalize with batch statistics (and update the running ones).
+        momentum: in ``[0, 1]``, the weight of the new batch in the running averages.
+        eps: ``> 0``, added to the variance.
+        activation: ``None``, ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"sigmoid"``,
+            ``"tanh"`` or ``"silu"``, applied after the residual add.
+        residual: a tensor of ``input``'s shape added to BN's output before the activation.
+        backend: ``"auto"`` (Triton kernels for CUDA tensors when available, else ``"torch"``),
+            ``"torch"`` or ``"triton"``.
+
+    NaN and Inf: BN mixes values only within a channel, so a NaN or Inf in the input makes
+    that channel's batch statistics NaN/Inf and hence its whole output (and, in training, its
+    running statistics) NaN; other channels are unaffected. This matches ``torch.nn``.
+    """
+    check_arguments(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+        residual,
+    )
+    impl = backends.resolve(backend, input, weight, training, activation, residual)
+    return impl.batch_norm(
+        input, running_mean, running_var, weight, bias, bool(training), float(momentum),
+        float(eps), activation, residual,
+    )
+
+
+def check_arguments(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual
+) -> None:
+    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"batch_norm: input must be floating point, got dtype {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm: input must have at least 2 dimensions (N, C, ...), got shape "
+            f"{tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    named = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
+             "bias": bias}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"batch_norm: {name} must be a tensor or None, got "
+                            f"{type(tensor).__name__}")
+        if tensor.shape != (channels,):
+            raise ValueError(
+                f"batch_norm: {name} must have shape ({channels},) to match the {channels} "
+                f"channels of input (dimension 1 of shape {tuple(input.shape)}), got "
+                f"{tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise TypeError(f"batch_norm: {name} must be floating point, got {tensor.dtype}")
+        if tensor.device != input.device:
+            raise ValueError(
+                f"batch_norm: {name} is on {tensor.device} but input is on {input.device}; "
+                "all tensors must be on the same device"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must both be tensors or "
+                         "both be None")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm: running_mean and running_var are required when "
+                         "training=False (evaluation uses the population statistics)")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"batch_norm: eps must be a positive number, got {eps!r}")
+    if (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+            or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
+    if training:
+        per_channel = input.numel() // channels if channels else 0
+        if per_channel < 2:
+            raise ValueError(
+                f"batch_norm: expected more than 1 value per channel when training, got input "
+                f"of shape {tuple(input.shape)} ({per_channel} per channel); batch statistics "
+                "need at least 2 values per channel"
+            )
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"batch_norm: activation must be None or one of {sorted(ACTIVATIONS)}, got "
+            f"{activation!r}"
+        )
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"batch_norm: residual must be a tensor or None, got "
+                            f"{type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(
+                f"batch_norm: residual must have input's shape {tuple(input.shape)}, got "
+                f"{tuple(residual.shape)}"
+            )
+        if residual.device != input.device:
+            raise ValueError(f"batch_norm: residual is on {residual.device} but input is on "
+                             f"{input.device}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"batch_norm: residual must have input's dtype {input.dtype}, got "
+                            f"{residual.dtype}")
