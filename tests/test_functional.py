@@ -160,7 +160,8 @@ def _call(**overrides):
 @pytest.mark.parametrize("overrides,error,match", [
     (dict(input=torch.randn(1, 3)), ValueError, "more than 1 value per channel"),
     (dict(input=torch.randn(1, 3, 1, 1)), ValueError, "more than 1 value per channel"),
-    (dict(input=torch.randn(4, 5, 2)), ValueError, "running_mean must have shape \\(5,\\) to match the 5 channels"),
+    (dict(input=torch.randn(4, 5, 2)), ValueError,
+     "running_mean must have shape \\(5,\\) to match the 5 channels"),
     (dict(input=torch.randn(4)), ValueError, "at least 2 dimensions"),
     (dict(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "floating point"),
     (dict(input=[1.0, 2.0]), TypeError, "input must be a torch.Tensor"),

@@ -35,7 +35,7 @@ def _batches(sizes, seed=0):
 
 
 def _expected(model, batches):
-    """Reference: the BN inputs each batch produces, reduced with reference.population_statistics."""
+    """Reference: each batch's BN inputs, reduced by reference.population_statistics."""
     inputs = {"bn1": [], "bn2": []}
     with torch.no_grad():
         for x, _ in batches:
