@@ -2,7 +2,7 @@
 
 Forward (training), per channel c over the m = N * prod(spatial) values of the mini-batch::
 
-    mu, var = mean and biased variance   (Welford, via torch.var_mean: no E[x^2] - E[x]^2)
+    mu, var = mean and biased variance   (two passes: no E[x^2] - E[x]^2)
     y       = gamma * (x - mu) / sqrt(var + eps) + beta
             = scale * x + shift,  scale = gamma / sqrt(var + eps),  shift = beta - scale * mu
 
@@ -43,76 +43,109 @@ def per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatcher round trip when it is a no-op (hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Statistics and accumulation happen in float32 at least."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def centered_statistics(x: torch.Tensor):
+    """Per-channel ``(mean, biased variance, x - mean)`` by a two-pass algorithm.
+
+    Pass 1 sums x (torch's CPU/GPU sums are cascaded, so the mean is accurate); pass 2 sums
+    the squares of the centered values. Unlike ``E[x^2] - E[x]^2`` this stays accurate for data
+    with a large offset, and plain sums are far faster than a Welford reduction on the CPU.
+    """
+    dims = reduce_dims(x)
+    xc = cast(x, compute_dtype(x))
+    mean = xc.mean(dims)
+    centered = xc - per_channel(mean, xc)
+    var = (centered * centered).mean(dims)
+    return mean, var, centered
+
+
 def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance, accurate for data with a large offset."""
-    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=reduce_dims(x), correction=0)
+    """Per-channel mean and biased variance (float32 or higher), accurate for large offsets."""
+    mean, var, _ = centered_statistics(x)
     return mean, var
 
 
-def _normalize(x, mean, invstd, weight, bias):
-    """y = scale * x + shift with per-channel scale = gamma * invstd, shift = beta - scale * mu."""
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-    xc = x.to(scale.dtype)
-    return torch.addcmul(per_channel(shift, xc), xc, per_channel(scale, xc)).to(x.dtype)
+def _affine(x, shift, scale):
+    """``x * scale + shift`` per channel, in two cheap passes (out-of-place, then in place)."""
+    return (x * per_channel(scale, x)).add_(per_channel(shift, x))
 
 
-def closed_form_backward(dy, x, weight, mean, invstd):
-    """``(dx, dgamma, dbeta)`` from the two per-channel reductions (see module docstring)."""
-    dims = reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    xc = x.to(invstd.dtype)
-    dyc = dy.to(invstd.dtype)
-    xhat = (xc - per_channel(mean, xc)) * per_channel(invstd, xc)
+def _scale_shift(mean, invstd, weight, bias):
+    """y = scale * x + shift with scale = gamma * invstd, shift = beta - scale * mu."""
+    scale = invstd if weight is None else cast(weight, invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else cast(bias, scale.dtype) - mean * scale
+    return scale, shift
+
+
+def closed_form_backward(dy, centered, weight, invstd):
+    """``(dx, dgamma, dbeta)`` from the two per-channel reductions (see module docstring).
+
+    ``centered`` is ``x - mu``. With ``gain = gamma * invstd`` the input gradient is
+    ``dx = gain * dy + k * (x - mu) + c``, ``k = -gain * invstd * dgamma / m``,
+    ``c = -gain * dbeta / m``: three elementwise passes and few per-channel ops, since on small
+    tensors every op's fixed cost dominates.
+    """
+    dims = reduce_dims(centered)
+    m = centered.numel() // centered.shape[1]
+    dyc = cast(dy, invstd.dtype)
     dbeta = dyc.sum(dims)
-    dgamma = (dyc * xhat).sum(dims)
-    gain = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    # dx = gain * (dy - mean(dy) - xhat * mean(dy * xhat)), written with two fused multiply-adds
-    dx = torch.addcmul(dyc - per_channel(dbeta / m, xc), xhat, per_channel(-dgamma / m, xc))
-    dx = (dx * per_channel(gain, xc)).to(x.dtype)
-    return dx, dgamma, dbeta
+    dgamma = (dyc * centered).sum(dims).mul_(invstd)
+    gain = invstd if weight is None else cast(weight, invstd.dtype) * invstd
+    k = (gain * dgamma).mul_(invstd).mul_(-1.0 / m)
+    c = (gain * dbeta).mul_(-1.0 / m)
+    dx = (dyc * per_channel(gain, dyc)).addcmul_(centered, per_channel(k, dyc))
+    return cast(dx.add_(per_channel(c, dyc)), dy.dtype), dgamma, dbeta
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN: returns ``(y, mean, var)``; only ``y`` is differentiable."""
+    """Training-mode BN. Updates the running statistics in place when they are given
+    (as ``torch.nn.functional.batch_norm`` does), so only ``y`` leaves the Function."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        mean, var = batch_statistics(x)
-        invstd = torch.rsqrt(var + eps)
-        y = _normalize(x, mean, invstd, weight, bias)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        mean, var, centered = centered_statistics(x)
+        invstd = (var + eps).rsqrt_()
+        # y = gamma * invstd * (x - mu) + beta, in place on the centered copy
+        scale = invstd if weight is None else cast(weight, invstd.dtype) * invstd
+        y = centered.mul_(per_channel(scale, centered))
+        if bias is not None:
+            y = y.add_(per_channel(cast(bias, y.dtype), y))
+        if running_mean is not None:
+            # running = (1 - momentum) running + momentum batch, with the unbiased m/(m-1) var
+            count = x.numel() // x.shape[1]
+            running_mean.lerp_(cast(mean, running_mean.dtype), momentum)
+            running_var.lerp_(cast(var.mul_(count / (count - 1)), running_var.dtype), momentum)
         ctx.eps = eps
+        # x, not x - mu, is saved: the same memory as torch's BN; backward re-centers it.
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return cast(y, x.dtype)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # Double backward: the statistics depend on x, so rebuild them inside the graph.
-            mean, var = batch_statistics(x)
-            invstd = torch.rsqrt(var + ctx.eps)
-        dx, dgamma, dbeta = closed_form_backward(dy, x, weight, mean, invstd)
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
+            mean, var, centered = centered_statistics(x)
+            invstd = (var + ctx.eps).rsqrt()
+        else:
+            centered = cast(x, invstd.dtype) - per_channel(mean, x)
+        dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (
             dx if need_x else None,
-            dgamma.to(weight.dtype) if need_w else None,
-            dbeta.to(weight.dtype if weight is not None else dbeta.dtype) if need_b else None,
-            None,
+            cast(dgamma, weight.dtype) if need_w else None,
+            cast(dbeta, weight.dtype if weight is not None else dbeta.dtype) if need_b else None,
+            None, None, None, None,
         )
-
-
-@torch.no_grad()
-def update_running_stats(running_mean, running_var, mean, var, count, momentum):
-    """``running = (1 - momentum) * running + momentum * batch``, variance unbiased (m/(m-1))."""
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 def batch_norm(
@@ -120,14 +153,12 @@ def batch_norm(
 ):
     """The torch backend; arguments are already validated by :mod:`batchnorm.functional`."""
     if training:
-        y, mean, var = BatchNormFunction.apply(input, weight, bias, eps)
-        if running_mean is not None:
-            count = input.numel() // input.shape[1]
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        y = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
     else:
         # Inference is Algorithm 2's fixed affine map; autograd through it is exact.
-        invstd = torch.rsqrt(running_var.to(compute_dtype(input)) + eps)
-        y = _normalize(input, running_mean.to(invstd.dtype), invstd, weight, bias)
+        invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)
+        scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
+        y = cast(_affine(cast(input, invstd.dtype), shift, scale), input.dtype)
     if residual is not None:
         y = y + residual
     if activation is not None:
