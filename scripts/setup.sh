@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install batchnorm with its development extras.
+# TORCH_SPEC picks the torch build (default: the CPU wheel this project is tested with;
+# on a GPU machine use e.g. TORCH_SPEC="torch" to get the CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import batchnorm, torch; print(f'batchnorm {batchnorm.__version__} with torch {torch.__version__} ready in .venv')"
