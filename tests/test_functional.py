@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from batchnorm import backends
 from batchnorm import reference as ref
@@ -190,3 +192,23 @@ def test_explicit_backend_never_falls_back_silently():
     with pytest.raises(NotImplementedError, match=reason):
         _call(backend="picky")
     assert backends.resolve("auto", torch.randn(2, 3), None, True, None, None).name == "torch"
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), c=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=2),
+       offset=st.floats(-1e3, 1e3), scale=st.floats(1e-2, 1e2), seed=st.integers(0, 2**31 - 1))
+def test_property_matches_reference_on_random_shapes(n, c, spatial, offset, scale, seed):
+    shape = (n, c, *spatial)
+    assume(np.prod(shape) // c >= 2)
+    g = torch.Generator().manual_seed(seed)
+    x = offset + scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    x.requires_grad_()
+    y = batch_norm(x, None, None, w, b, training=True)
+    y.backward(dy)
+    y_ref, cache = ref.batch_norm_forward(x.detach().numpy(), w.numpy(), b.numpy())
+    dx_ref = ref.batch_norm_backward(dy.numpy(), cache).dx
+    np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-7, atol=1e-7 * np.abs(dx_ref).max())
