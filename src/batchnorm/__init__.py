@@ -19,6 +19,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "FoldReport",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
     "fold",

@@ -117,9 +117,13 @@ def _first_tensor(batch):
 
 
 def _is_synchronized(module: nn.Module) -> bool:
+    """Whether this layer normalizes with statistics of a batch spread over processes."""
     dist = torch.distributed
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            and "SyncBatchNorm" in type(module).__name__)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from batchnorm.distributed import SyncBatchNorm
+
+    return isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm))
 
 
 def _global_batch_statistics(module, mean, var, m):
