@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import backends
@@ -194,7 +194,9 @@ def test_explicit_backend_never_falls_back_silently():
     assert backends.resolve("auto", torch.randn(2, 3), None, True, None, None).name == "torch"
 
 
-@settings(max_examples=30, deadline=None)
+# derandomize: CI must not fail on a case a previous run never saw; widen max_examples locally.
+@settings(max_examples=30, deadline=None, derandomize=True)
+@example(n=2, c=1, spatial=[], offset=426.0, scale=56.0, seed=0)  # m = 2: exact dx is 0
 @given(n=st.integers(1, 6), c=st.integers(1, 4), spatial=st.lists(st.integers(1, 4), max_size=2),
        offset=st.floats(-1e3, 1e3), scale=st.floats(1e-2, 1e2), seed=st.integers(0, 2**31 - 1))
 def test_property_matches_reference_on_random_shapes(n, c, spatial, offset, scale, seed):
@@ -211,4 +213,8 @@ def test_property_matches_reference_on_random_shapes(n, c, spatial, offset, scal
     y_ref, cache = ref.batch_norm_forward(x.detach().numpy(), w.numpy(), b.numpy())
     dx_ref = ref.batch_norm_backward(dy.numpy(), cache).dx
     np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-7, atol=1e-7 * np.abs(dx_ref).max())
+    # dx's natural size is |dy| * gamma / sigma; for m = 2 the exact dx is 0 and both sides are
+    # cancellation noise, so the absolute tolerance must follow that scale, not dx itself.
+    sigma = x.detach().numpy().std(axis=tuple(i for i in range(x.dim()) if i != 1)).min()
+    dx_scale = np.abs(dy.numpy()).max() * w.numpy().max() / sigma
+    np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-7, atol=1e-9 * dx_scale)
