@@ -1,0 +1,42 @@
+"""A small convolutional network for CPU-feasible sweeps (the learning-rate sweep).
+
+Three 3x3 convolution units ``g(BN(W u))`` (or ``g(W u + b)`` without BN), the first two followed
+by 2x2 max pooling, then global average pooling and one linear layer::
+
+    conv 3x3 (c) -> pool 2 -> conv 3x3 (2c) -> pool 2 -> conv 3x3 (4c) -> avg pool -> linear
+
+It uses the same convolution unit and initialization as :class:`~batchnorm.models.inception.
+InceptionBN`, so "with BN" and "without BN" mean exactly what they mean there.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from batchnorm.models.inception import ACTIVATIONS, ConvUnit, init_weights
+
+
+class SmallConvNet(nn.Module):
+    """Args: ``num_classes``, ``in_channels``, ``bn`` (BN before every nonlinearity),
+    ``activation`` (``"relu"`` or ``"sigmoid"``), ``channels`` (c, the first layer's width)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, *, bn: bool = True,
+                 activation: str = "relu", channels: int = 16):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"SmallConvNet: activation must be one of {list(ACTIVATIONS)}, "
+                             f"got {activation!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"SmallConvNet: channels must be a positive int, got {channels!r}")
+        unit = dict(bn=bn, activation=activation)
+        c = channels
+        self.features = nn.Sequential(
+            ConvUnit(in_channels, c, 3, **unit), nn.MaxPool2d(2),
+            ConvUnit(c, 2 * c, 3, **unit), nn.MaxPool2d(2),
+            ConvUnit(2 * c, 4 * c, 3, **unit), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(4 * c, num_classes)
+        init_weights(self, activation)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
