@@ -191,3 +191,10 @@ def test_convert_round_trip_keeps_parameters_mode_and_optimizer():
     assert type(single) is batchnorm.BatchNorm3d
     with pytest.raises(ValueError, match="to must be"):
         batchnorm.convert(model, to="jax")
+
+
+def test_convert_to_torch_refuses_to_drop_a_fused_activation():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, activation="relu"))
+    with pytest.raises(ValueError, match=r"convert\(to='torch'\): 1 fuse an activation"):
+        batchnorm.convert(model, to="torch")
+    assert type(model[1]) is batchnorm.BatchNorm2d  # nothing was half-converted

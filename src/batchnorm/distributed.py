@@ -54,7 +54,7 @@ from batchnorm.autograd import (
     per_channel,
     reduce_dims,
 )
-from batchnorm.modules import OURS, _BatchNormMixin
+from batchnorm.modules import OURS, _BatchNormMixin, _EpilogueOptions
 
 __all__ = ["SyncBatchNorm", "merge_across_processes", "merge_statistics", "record_traffic"]
 
@@ -264,7 +264,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 # module
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
     r"""BN whose training statistics cover the mini-batch of every process in ``process_group``.
 
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
@@ -304,12 +304,8 @@ class SyncBatchNorm(_BatchNorm):
         device=None, dtype=None, *, activation: str | None = None, backend: str = "auto",
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(f"SyncBatchNorm: activation must be None or one of "
-                             f"{sorted(ACTIVATIONS)}, got {activation!r}")
+        self._set_epilogue(activation, backend)
         self.process_group = process_group
-        self.activation = activation
-        self.backend = backend
         # The BatchNorm1d/2d/3d class that to_batchnorm() returns; known after from_batchnorm.
         self._batchnorm_class: type | None = None
 
@@ -399,11 +395,3 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"SyncBatchNorm.to_batchnorm: {cls.__name__} has no fused "
                              f"activation; this layer has activation={self.activation!r}")
         return _rebuild(self, cls)
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
-        if self.backend != "auto":
-            text += f", backend={self.backend!r}"
-        return text

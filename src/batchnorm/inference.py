@@ -78,6 +78,14 @@ def convert(
                          "to='batchnorm'")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if to == "torch":
+        # torch's BN cannot hold a fused nonlinearity; dropping it would change the model
+        fused = [name or "model" for name, m in model.named_modules()
+                 if isinstance(m, _BatchNormMixin) and m.activation is not None]
+        if fused:
+            raise ValueError(f"convert(to='torch'): {', '.join(fused)} fuse an activation, which "
+                             "torch.nn.BatchNorm*d cannot hold; rebuild those layers with "
+                             "activation=None followed by the nonlinearity first")
     swapped = _swap(model, to, sync, process_group)
     if swapped is not model:
         return swapped

@@ -17,7 +17,28 @@ from batchnorm import functional
 from batchnorm.autograd import ACTIVATIONS
 
 
-class _BatchNormMixin:
+class _EpilogueOptions:
+    """Our modules' two extras over torch's: a fused ``activation`` and the ``backend``."""
+
+    def _set_epilogue(self, activation: str | None, backend: str) -> None:
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{type(self).__name__}: activation must be None or one of "
+                f"{sorted(ACTIVATIONS)}, got {activation!r}"
+            )
+        self.activation = activation
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class _BatchNormMixin(_EpilogueOptions):
     """The forward shared by all of our BN modules (mirrors torch's ``_BatchNorm.forward``)."""
 
     _expected_dims: tuple[int, ...]
@@ -28,13 +49,7 @@ class _BatchNormMixin:
         activation: str | None = None, backend: str = "auto",
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(
-                f"{type(self).__name__}: activation must be None or one of "
-                f"{sorted(ACTIVATIONS)}, got {activation!r}"
-            )
-        self.activation = activation
-        self.backend = backend
+        self._set_epilogue(activation, backend)
 
     def _check_input_dim(self, input):
         if not isinstance(input, torch.Tensor):
@@ -82,15 +97,6 @@ class _BatchNormMixin:
             residual=residual,
             backend=self.backend,
         )
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
-        if self.backend != "auto":
-            text += f", backend={self.backend!r}"
-        return text
-
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
     r"""BN over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; drop-in for ``torch.nn.BatchNorm1d``.
