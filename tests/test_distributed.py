@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import rel_err
+from multiproc import spawn
 from torch import nn
 
 import batchnorm
@@ -34,30 +34,6 @@ from batchnorm.distributed import (
 )
 
 TOL = 1e-12  # float64 relative error
-
-
-# --------------------------------------------------------------------------------------------
-# spawning
-
-
-def _entry(rank, world, init_file, out_dir, target, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        torch.save(target(rank, world, *args), Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(tmp_path, world, target, *args) -> list:
-    """Run ``target(rank, world, *args)`` in ``world`` gloo processes; their return values."""
-    out = tmp_path / f"out{world}"
-    out.mkdir()
-    mp.spawn(_entry, args=(world, str(tmp_path / f"init{world}"), str(out), target, args),
-             nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def split(t: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
 import os
@@ -88,3 +90,36 @@ def world_size() -> int:
 def shard(batch: torch.Tensor) -> torch.Tensor:
     """This process's share of a global mini-batch (strided, so uneven sizes differ by <= 1)."""
     return batch[rank() :: world_size()]
+
+
+def steps_to_reach(history: list[dict], target: float) -> int | None:
+    """First evaluated step whose test accuracy is >= ``target`` (None if never)."""
+    for point in history:
+        if point["test_accuracy"] is not None and point["test_accuracy"] >= target:
+            return point["step"]
+    return None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--no-download``, as every experiment has them."""
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the data set's files, or the data root (default: "
+                             "$BATCHNORM_DATA, else ~/.cache/batchnorm, then where a system "
+                             "package installs the data set, e.g. Debian's Fashion-MNIST)")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download; fail if the files are not on disk")
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero on the CPU inside the block, then restore the default.
+
+    Saturated sigmoids produce denormals, which x86 CPUs process ~50x slower (an Inception step
+    took seconds instead of 0.1 s); flushing them changes nothing else. The setting is global
+    to the process, so it must not outlive the training loop (torch has no getter: the default,
+    off, is restored)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)

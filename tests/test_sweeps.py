@@ -1,0 +1,89 @@
+"""``batchnorm reproduce lr-sweep`` and ``batchnorm reproduce depth`` end to end on tiny data."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.cli import main
+from batchnorm.repro.depth import network
+from batchnorm.repro.inception import at_chance
+from batchnorm.repro.lr_sweep import outcome, parse_floats
+
+COMMON = ["--dataset", "synthetic", "--train-subset", "0", "--test-subset", "0",
+          "--batch-size", "16", "--no-progress"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lr_sweep_end_to_end(tmp_path):
+    out = tmp_path / "lr"
+    # x1 trains; x1e12 blows up (inf/nan within 10 steps): it must be recorded as diverged.
+    assert main(["reproduce", "lr-sweep", *COMMON, "--steps", "80", "--eval-every", "40",
+                 "--channels", "8", "--base-lr", "0.05", "--multipliers", "1,1e12",
+                 "--target", "0.5", "--out", str(out)]) == 0
+    for name in ("figure.png", "summary.md", "results.json", "metrics.csv"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["bn"], r["multiplier"]): r for r in results["runs"]}
+    assert set(runs) == {(False, 1.0), (True, 1.0), (False, 1e12), (True, 1e12)}
+    assert runs[(False, 1e12)]["diverged"]["step"] <= 80
+    assert runs[(False, 1e12)]["steps_done"] == runs[(False, 1e12)]["diverged"]["step"]
+    assert runs[(False, 1e12)]["lr"] == pytest.approx(5e10)
+    assert runs[(True, 1.0)]["diverged"] is None
+    assert runs[(True, 1.0)]["best_accuracy"] > 0.5  # it learns (4 classes, chance 0.25)
+    assert runs[(True, 1.0)]["steps_to_target"] in (40, 80)
+    assert [p["step"] for p in runs[(True, 1.0)]["history"]] == [0, 40, 80]
+    summary = (out / "summary.md").read_text()
+    assert "| x1 (0.05) |" in summary and "diverged at step" in summary
+    assert results["config"]["multipliers"] == [1.0, 1e12]
+
+
+def test_depth_end_to_end(tmp_path):
+    out = tmp_path / "depth"
+    assert main(["reproduce", "depth", *COMMON, "--steps", "60", "--eval-every", "30",
+                 "--depths", "1,4", "--width", "16", "--lr", "0.1", "--out", str(out)]) == 0
+    for name in ("figure.png", "summary.md", "results.json", "metrics.csv"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["depth"], r["bn"]) for r in results["runs"]) == [
+        (1, False), (1, True), (4, False), (4, True)]
+    for r in results["runs"]:
+        assert r["final_accuracy"] == r["history"][-1]["test_accuracy"]
+        assert [p["step"] for p in r["history"]] == [0, 30, 60]
+    shallow_bn = next(r for r in results["runs"] if r["depth"] == 1 and r["bn"])
+    assert shallow_bn["final_accuracy"] > 0.5
+    summary = (out / "summary.md").read_text()
+    assert "| 1 |" in summary and "| 4 |" in summary
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_depth_network(bn):
+    torch.manual_seed(0)
+    model = network(784, 10, 5, width=100, bn=bn)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 100)] + [(100, 100)] * 4 \
+        + [(100, 10)]
+    assert all((m.bias is None) == bn for m in linears[:-1])
+    assert sum(isinstance(m, nn.Sigmoid) for m in model) == 5
+    assert sum(isinstance(m, batchnorm.BatchNorm1d) for m in model) == (5 if bn else 0)
+    assert math.isclose(float(linears[0].weight.detach().std()), 1 / math.sqrt(784), rel_tol=0.05)
+    assert model(torch.randn(3, 784)).shape == (3, 10)
+    with pytest.raises(ValueError, match="depth"):
+        network(784, 10, 0, width=100, bn=bn)
+
+
+def test_helpers():
+    assert parse_floats("1, 5,10,30", "--multipliers") == [1, 5, 10, 30]
+    for bad in ("", "1,x", "1,-2"):
+        with pytest.raises(ValueError, match="--multipliers"):
+            parse_floats(bad, "--multipliers")
+    assert at_chance(0.1, 10, 10_000) and not at_chance(0.2, 10, 10_000)
+    assert at_chance(0.25, 4, 100) and not at_chance(0.5, 4, 100)
+    assert outcome(dict(diverged=dict(step=7), at_chance=True)) == "diverged at step 7"
+    assert outcome(dict(diverged=None, at_chance=True)) == "ended at chance"
+    assert outcome(dict(diverged=None, at_chance=False)) == "trained"
