@@ -14,21 +14,23 @@ Writes ``figure.png`` (a: final test accuracy vs. depth; b: test accuracy vs. st
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from batchnorm.models.mlp import sigmoid_mlp
-from batchnorm.repro.common import log, prepare_out_dir, seed_everything, write_csv, write_json
+from batchnorm.repro.common import log, prepare_out_dir, seed_everything
 from batchnorm.repro.lr_sweep import (
     add_sweep_arguments,
     load_sweep_data,
     outcome,
+    paired,
     parse_floats,
+    steps_text,
+    sweep_config,
     train_run,
+    write_sweep,
 )
 
 DEFAULTS = dict(steps=3000, batch_size=60, lr=0.05, momentum=0.9, depths="3,5,10,20", width=100,
@@ -74,21 +76,9 @@ def run(args) -> int:
             runs.append(dict(bn=bn, depth=depth, **result))
             log(f"depth: {label}: {outcome(result)}, final {result['final_accuracy']:.4f}, "
                 f"best {result['best_accuracy']:.4f}")
-    n_train, n_test = data.sizes()
-    config = dict(dataset=data.name, train_examples=n_train, test_examples=n_test,
-                  steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  momentum=args.momentum, depths=depths, width=args.width, target=args.target,
-                  seed=args.seed, device=args.device,
-                  threads=torch.get_num_threads(),
-                  command=" ".join(["batchnorm"] + sys.argv[1:]),
-                  seconds=round(time.perf_counter() - started, 1))
-    write_json(out / "results.json", dict(experiment="depth", config=config, runs=runs))
-    write_csv(out / "metrics.csv", [dict(bn=r["bn"], depth=r["depth"], **p)
-                                    for r in runs for p in r["history"]])
-    _figure(out / "figure.png", runs, data)
-    (out / "summary.md").write_text(_summary(runs, config, data))
-    log(f"depth: wrote {out / 'summary.md'}, figure.png, results.json, metrics.csv "
-        f"({config['seconds']:.0f} s)")
+    config = sweep_config(args, data, started, lr=args.lr, depths=depths, width=args.width)
+    write_sweep(out, "depth", "depth", config, runs, lambda path: _figure(path, runs, data),
+                _summary(runs, config, data))
     return 0
 
 
@@ -147,16 +137,15 @@ def _summary(runs: list[dict], config: dict, data) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for depth in config["depths"]:
-        pair = {r["bn"]: r for r in runs if r["depth"] == depth}
+        pair = paired(runs, "depth", depth)
         cells = []
         for bn in (False, True):
             r = pair[bn]
-            reach = r["steps_to_target"]
             cells += [f"{r['final_accuracy']:.4f}", f"{r['best_accuracy']:.4f}", outcome(r),
-                      "never" if reach is None else str(reach)]
+                      steps_text(r["steps_to_target"])]
         lines.append(f"| {depth} | " + " | ".join(cells) + " |")
     deepest = max(config["depths"])
-    pair = {r["bn"]: r for r in runs if r["depth"] == deepest}
+    pair = paired(runs, "depth", deepest)
     lines += ["", "## Findings", "",
               f"- At {deepest} hidden layers: without BN final accuracy "
               f"{pair[False]['final_accuracy']:.4f} ({outcome(pair[False])}), with BN "

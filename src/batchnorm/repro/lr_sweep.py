@@ -114,6 +114,39 @@ def train_run(model, data, args, *, lr: float, label: str) -> dict:
     )
 
 
+def sweep_config(args, data, started: float, **settings) -> dict:
+    """What a sweep's outputs record about its run: data, training settings, machine, command."""
+    n_train, n_test = data.sizes()
+    return dict(dataset=data.name, train_examples=n_train, test_examples=n_test,
+                steps=args.steps, batch_size=args.batch_size, momentum=args.momentum,
+                target=args.target, **settings, seed=args.seed, device=args.device,
+                threads=torch.get_num_threads(),
+                command=" ".join(["batchnorm"] + sys.argv[1:]),
+                seconds=round(time.perf_counter() - started, 1))
+
+
+def write_sweep(out: Path, experiment: str, key: str, config: dict, runs: list[dict],
+                figure, summary: str) -> None:
+    """``results.json``, ``metrics.csv`` (one row per evaluation, by ``bn`` and ``key``),
+    ``figure.png`` (drawn by ``figure(path)``) and ``summary.md``."""
+    write_json(out / "results.json", dict(experiment=experiment, config=config, runs=runs))
+    write_csv(out / "metrics.csv", [dict(bn=r["bn"], **{key: r[key]}, **p)
+                                    for r in runs for p in r["history"]])
+    figure(out / "figure.png")
+    (out / "summary.md").write_text(summary)
+    log(f"{experiment}: wrote {out / 'summary.md'}, figure.png, results.json, metrics.csv "
+        f"({config['seconds']:.0f} s)")
+
+
+def paired(runs: list[dict], key: str, value) -> dict[bool, dict]:
+    """The runs without (False) and with (True) BN at ``key == value``."""
+    return {r["bn"]: r for r in runs if r[key] == value}
+
+
+def steps_text(reach: int | None) -> str:
+    return "never" if reach is None else str(reach)
+
+
 def outcome(run: dict) -> str:
     if run["diverged"]:
         return f"diverged at step {run['diverged']['step']}"
@@ -144,21 +177,10 @@ def run(args) -> int:
             log(f"lr-sweep: {label}: lr {args.base_lr * m:.4g}: {outcome(result)}, best "
                 f"{result['best_accuracy']:.4f}, steps to {args.target}: "
                 f"{result['steps_to_target']}")
-    n_train, n_test = data.sizes()
-    config = dict(dataset=data.name, train_examples=n_train, test_examples=n_test,
-                  steps=args.steps, batch_size=args.batch_size, base_lr=args.base_lr,
-                  momentum=args.momentum, multipliers=multipliers, target=args.target,
-                  channels=args.channels, seed=args.seed, device=args.device,
-                  threads=torch.get_num_threads(),
-                  command=" ".join(["batchnorm"] + sys.argv[1:]),
-                  seconds=round(time.perf_counter() - started, 1))
-    write_json(out / "results.json", dict(experiment="lr-sweep", config=config, runs=runs))
-    write_csv(out / "metrics.csv", [dict(bn=r["bn"], multiplier=r["multiplier"], **p)
-                                    for r in runs for p in r["history"]])
-    _figure(out / "figure.png", runs, data, args)
-    (out / "summary.md").write_text(_summary(runs, config, data))
-    log(f"lr-sweep: wrote {out / 'summary.md'}, figure.png, results.json, metrics.csv "
-        f"({config['seconds']:.0f} s)")
+    config = sweep_config(args, data, started, base_lr=args.base_lr, multipliers=multipliers,
+                          channels=args.channels)
+    write_sweep(out, "lr-sweep", "multiplier", config, runs,
+                lambda path: _figure(path, runs, data, args), _summary(runs, config, data))
     return 0
 
 
@@ -225,13 +247,11 @@ def _summary(runs: list[dict], config: dict, data) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in config["multipliers"]:
-        pair = {r["bn"]: r for r in runs if r["multiplier"] == m}
+        pair = paired(runs, "multiplier", m)
         cells = []
         for bn in (False, True):
             r = pair[bn]
-            reach = r["steps_to_target"]
-            cells += [outcome(r), "never" if reach is None else str(reach),
-                      f"{r['best_accuracy']:.4f}"]
+            cells += [outcome(r), steps_text(r["steps_to_target"]), f"{r['best_accuracy']:.4f}"]
         lines.append(f"| x{m:g} ({config['base_lr'] * m:.4g}) | " + " | ".join(cells) + " |")
     plain_ok = [r["multiplier"] for r in runs if not r["bn"] and outcome(r) == "trained"]
     bn_ok = [r["multiplier"] for r in runs if r["bn"] and outcome(r) == "trained"]
