@@ -195,6 +195,6 @@ def test_convert_round_trip_keeps_parameters_mode_and_optimizer():
 
 def test_convert_to_torch_refuses_to_drop_a_fused_activation():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, activation="relu"))
-    with pytest.raises(ValueError, match=r"convert\(to='torch'\): 1 fuse an activation"):
+    with pytest.raises(ValueError, match=r"to='torch'\): BN layer\(s\) 1 fuse an activation"):
         batchnorm.convert(model, to="torch")
     assert type(model[1]) is batchnorm.BatchNorm2d  # nothing was half-converted

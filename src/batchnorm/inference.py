@@ -83,9 +83,9 @@ def convert(
         fused = [name or "model" for name, m in model.named_modules()
                  if isinstance(m, _BatchNormMixin) and m.activation is not None]
         if fused:
-            raise ValueError(f"convert(to='torch'): {', '.join(fused)} fuse an activation, which "
-                             "torch.nn.BatchNorm*d cannot hold; rebuild those layers with "
-                             "activation=None followed by the nonlinearity first")
+            raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(fused)} fuse an "
+                             "activation, which torch.nn.BatchNorm*d cannot hold; rebuild them "
+                             "with activation=None followed by the nonlinearity first")
     swapped = _swap(model, to, sync, process_group)
     if swapped is not model:
         return swapped
