@@ -12,7 +12,9 @@ Backward, the paper's chain rule collapsed into two per-channel reductions::
     dgamma = sum(dy * xhat)
     dx     = gamma / (m sqrt(var + eps)) * (m dy - dbeta - xhat * dgamma)
 
-The backward is itself written in differentiable tensor ops, and when a second derivative is
+On the CPU, float32 and float64 tensors go through fused C++ kernels that compute exactly these
+formulas in fewer passes (:mod:`batchnorm.cpu`); everything else uses the ATen operations
+below. The backward is written in differentiable tensor ops, and when a second derivative is
 requested (``create_graph=True``) it recomputes the statistics from ``x`` inside the graph, so
 double backward is exact. Half-precision inputs are computed in float32 and cast back.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from batchnorm import cpu as cpu_kernels
 from batchnorm.backends import Backend, register_backend
 
 ACTIVATIONS = {
@@ -112,6 +115,12 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        ctx.eps = eps
+        fused = cpu_kernels.forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        if fused is not None:  # the same math, fused in C++ (running statistics included)
+            y, mean, invstd = fused
+            ctx.save_for_backward(x, weight, mean, invstd)
+            return y
         mean, var, centered = centered_statistics(x)
         invstd = (var + eps).rsqrt_()
         # y = gamma * invstd * (x - mu) + beta, in place on the centered copy
@@ -124,7 +133,6 @@ class BatchNormFunction(torch.autograd.Function):
             count = x.numel() // x.shape[1]
             running_mean.lerp_(cast(mean, running_mean.dtype), momentum)
             running_var.lerp_(cast(var.mul_(count / (count - 1)), running_var.dtype), momentum)
-        ctx.eps = eps
         # x, not x - mu, is saved: the same memory as torch's BN; backward re-centers it.
         ctx.save_for_backward(x, weight, mean, invstd)
         return cast(y, x.dtype)
@@ -132,14 +140,20 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        fused = None
         if torch.is_grad_enabled():
             # Double backward: the statistics depend on x, so rebuild them inside the graph.
             mean, var, centered = centered_statistics(x)
             invstd = (var + ctx.eps).rsqrt()
         else:
-            centered = cast(x, invstd.dtype) - per_channel(mean, x)
-        dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+            fused = cpu_kernels.backward(dy, x, weight, mean, invstd, need_x)
+        if fused is not None:
+            dx, dgamma, dbeta = fused
+        else:
+            if not torch.is_grad_enabled():
+                centered = cast(x, invstd.dtype) - per_channel(cast(mean, invstd.dtype), x)
+            dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
         return (
             dx if need_x else None,
             cast(dgamma, weight.dtype) if need_w else None,

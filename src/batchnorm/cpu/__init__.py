@@ -1,0 +1,63 @@
+"""Fused CPU kernels for the ``"torch"`` backend's training-mode BN (float32 and float64).
+
+Composed of ATen operations, training BN costs about a dozen passes over the tensor plus a
+dozen per-channel operations; ``batchnorm_cpu.cpp`` does the same math (two-pass statistics in
+double, the closed-form backward) in three passes forward and three backward. It is compiled
+with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached under
+``~/.cache/torch_extensions``, about a minute once).
+
+When it cannot be used, :mod:`batchnorm.autograd` computes the same formulas with ATen
+operations: other dtypes, devices or layouts, double backward, no compiler (a warning says
+so once), or ``BATCHNORM_CPU_KERNELS=0`` in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV_VAR = "BATCHNORM_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
+_DTYPES = (torch.float32, torch.float64)
+_state: dict = {"module": None, "failed": False}
+
+
+def extension():
+    """The compiled extension, or ``None`` (disabled, or compilation failed: warned once)."""
+    if _state["module"] is not None or _state["failed"]:
+        return _state["module"]
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _state["module"] = load(name="batchnorm_cpu", sources=[str(SOURCE)],
+                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                verbose=False)
+    except Exception as error:  # no compiler, no headers, ...: the ATen path still works
+        _state["failed"] = True
+        warnings.warn(f"batchnorm: the fused CPU kernels could not be compiled ({error}); "
+                      f"using ATen operations instead (slower, same results). Set "
+                      f"{ENV_VAR}=0 to silence this.", RuntimeWarning, stacklevel=3)
+    return _state["module"]
+
+
+def forward(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float,
+            eps: float):
+    """``(y, mean (float64), invstd)``, updating the running statistics in place when given;
+    ``None`` when the kernels cannot take ``x``."""
+    if x.dtype not in _DTYPES or x.device.type != "cpu" or (module := extension()) is None:
+        return None
+    return module.forward(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, invstd, need_dx: bool):
+    """``(dx or None, dgamma, dbeta)``, or ``None`` when the kernels cannot take them."""
+    if (x.dtype not in _DTYPES or x.device.type != "cpu" or mean.dtype != torch.float64
+            or (module := extension()) is None):
+        return None
+    dx, dgamma, dbeta = module.backward(dy, x, weight, mean, invstd, need_dx)
+    return (dx if need_dx else None), dgamma, dbeta
