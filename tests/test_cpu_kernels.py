@@ -127,3 +127,14 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, rng):
 def test_other_dtypes_are_not_taken(rng):
     x = torch.randn(4, 3, generator=rng).to(torch.bfloat16)
     assert cpu.forward(x, None, None, None, None, 0.1, 1e-5) is None
+
+
+@needs_kernels
+def test_running_statistics_of_another_dtype(rng):
+    """float64 input with float32 running buffers takes the kernel's generic update."""
+    x, w, b, dy = _inputs((9, 4, 5), None, torch.float64, rng, 3.0)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    BatchNormFunction.apply(x, w, b, rm, rv, 0.25, 1e-5)
+    _, _, _, _, rm_ref, rv_ref = _reference(x, w, b, dy, 0.25, 1e-5)
+    assert rm.dtype == torch.float32
+    assert rel_err(rm, rm_ref) < 1e-6 and rel_err(rv, rv_ref) < 1e-6

@@ -326,7 +326,7 @@ class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = _BatchNormMixin._averaging_factor(self)  # also counts num_batches_tracked
+        factor = _BatchNormMixin._averaging_factor(self, self.num_batches_tracked)  # counts it
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None

@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -45,54 +46,74 @@ Layout layout_of(const at::Tensor& x3) {
 // vectorizes, and each chunk's sum is added in double: accurate for millions of values.
 constexpr int64_t kChunk = 64;
 
-template <typename T, typename F>
-void channel_sums(const Layout& L, int64_t c0, int64_t c1, double* acc, F&& term) {
+// K (1 or 2) sums at once, so the backward's two take one pass: term(k, c) returns value k's
+// K terms.
+template <typename T, int K, typename F>
+void channel_sums(const Layout& L, int64_t c0, int64_t c1, std::array<double*, K> acc,
+                  F&& term) {
+  const int64_t n = c1 - c0;
   if (L.run == 1) {  // MC: rows outside, contiguous channels inside
-    std::vector<T> part(c1 - c0);
+    std::vector<T> part(K * n);
+    T* p0 = part.data();
+    T* p1 = part.data() + (K > 1 ? n : 0);
     for (int64_t i0 = 0; i0 < L.rows; i0 += kChunk) {
       std::fill(part.begin(), part.end(), T(0));
       const int64_t i1 = std::min(L.rows, i0 + kChunk);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t row = i * L.outer;
-        T* p = part.data();
 #pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) p[c - c0] += term(row + c, c - c0);
+        for (int64_t c = 0; c < n; ++c) {
+          const std::array<T, K> v = term(row + c0 + c, c);
+          p0[c] += v[0];
+          if constexpr (K > 1) p1[c] += v[1];
+        }
       }
-      for (int64_t c = 0; c < c1 - c0; ++c) acc[c] += double(part[c]);
+      for (int q = 0; q < K; ++q)
+        for (int64_t c = 0; c < n; ++c) acc[q][c] += double(part[q * n + c]);
     }
   } else {  // NCS: each channel is `rows` contiguous runs
     for (int64_t c = c0; c < c1; ++c) {
-      double s = 0.0;
+      double s[K] = {};
       for (int64_t i = 0; i < L.rows; ++i) {
         const int64_t base = i * L.outer + c * L.cstride;
         for (int64_t j0 = 0; j0 < L.run; j0 += kChunk) {
           const int64_t j1 = std::min(L.run, j0 + kChunk);
-          T part = 0;
-#pragma omp simd reduction(+ : part)
-          for (int64_t j = j0; j < j1; ++j) part += term(base + j, c - c0);
-          s += double(part);
+          T part[K] = {};
+#pragma omp simd reduction(+ : part[:K])
+          for (int64_t j = j0; j < j1; ++j) {
+            const std::array<T, K> v = term(base + j, c - c0);
+            for (int q = 0; q < K; ++q) part[q] += v[q];
+          }
+          for (int q = 0; q < K; ++q) s[q] += double(part[q]);
         }
       }
-      acc[c - c0] += s;
+      for (int q = 0; q < K; ++q) acc[q][c - c0] += s[q];
     }
   }
 }
 
+// body(k, c) for every value k of channel c, in parallel over regions of memory: channels for
+// NCS, rows for MC. Rows, not channel blocks, for MC so that each thread first-touches its own
+// pages of a new output (threads faulting in the same pages serialize in the kernel).
 template <typename F>
-void for_each_value(const Layout& L, int64_t c0, int64_t c1, F&& body) {
+void apply_values(const Layout& L, F&& body) {
   if (L.run == 1) {
-    for (int64_t i = 0; i < L.rows; ++i) {
-      const int64_t row = i * L.outer;
+    at::parallel_for(0, L.rows, grain_for(L.C), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t row = i * L.outer;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) body(row + c, c - c0);
-    }
-  } else {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t i = 0; i < L.rows; ++i) {
-        const int64_t base = i * L.outer + c * L.cstride;
-#pragma omp simd
-        for (int64_t j = 0; j < L.run; ++j) body(base + j, c - c0);
+        for (int64_t c = 0; c < L.C; ++c) body(row + c, c);
       }
+    });
+  } else {
+    at::parallel_for(0, L.C, grain_for(L.rows * L.run), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t i = 0; i < L.rows; ++i) {
+          const int64_t base = i * L.outer + c * L.cstride;
+#pragma omp simd
+          for (int64_t j = 0; j < L.run; ++j) body(base + j, c);
+        }
+    });
   }
 }
 
@@ -109,6 +130,7 @@ void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
   T* var_out = var.data_ptr<T>();
   const T* w = weight.has_value() ? weight->data_ptr<T>() : nullptr;
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  std::vector<T> mu_all(L.C), scale_all(L.C), shift_all(L.C);
   at::parallel_for(0, L.C, grain_for(m), [&](int64_t c0, int64_t c1) {
     const int64_t n = c1 - c0;
     // Pass 1, shifted by each channel's first value K: sum(x - K) has no large offset to
@@ -116,18 +138,19 @@ void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
     std::vector<T> shift0(n);
     for (int64_t c = 0; c < n; ++c) shift0[c] = x[(c0 + c) * L.cstride];
     std::vector<double> sum(n, 0.0), sq(n, 0.0), mu(n);
-    channel_sums<T>(L, c0, c1, sum.data(), [&](int64_t k, int64_t c) { return x[k] - shift0[c]; });
+    channel_sums<T, 1>(L, c0, c1, {sum.data()},
+                       [&](int64_t k, int64_t c) { return std::array<T, 1>{x[k] - shift0[c]}; });
     // y = (x - mu_T) scale + shift: x - mu_T is exact for x near mu (Sterbenz), which keeps
     // y accurate when the data has a large offset; shift absorbs mu's rounding mu - mu_T.
-    std::vector<T> mu_t(n), scale(n), shift(n);
+    std::vector<T> mu_t(n);
     for (int64_t c = 0; c < n; ++c) {
       mu[c] = double(shift0[c]) + sum[c] / double(m);
       mu_t[c] = T(mu[c]);
     }
     // Pass 2: sum((x - mu)^2) = sum((x - mu_T)^2) - m (mu - mu_T)^2
-    channel_sums<T>(L, c0, c1, sq.data(), [&](int64_t k, int64_t c) {
+    channel_sums<T, 1>(L, c0, c1, {sq.data()}, [&](int64_t k, int64_t c) {
       const T d = x[k] - mu_t[c];
-      return d * d;
+      return std::array<T, 1>{d * d};
     });
     for (int64_t c = 0; c < n; ++c) {
       const double rounding = mu[c] - double(mu_t[c]);
@@ -135,16 +158,18 @@ void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
       const double is = 1.0 / std::sqrt(v + eps);
       const double g = w ? double(w[c0 + c]) : 1.0;
       const double be = b ? double(b[c0 + c]) : 0.0;
-      scale[c] = T(g * is);
-      shift[c] = T(be - g * is * rounding);
+      mu_all[c0 + c] = mu_t[c];
+      scale_all[c0 + c] = T(g * is);
+      shift_all[c0 + c] = T(be - g * is * rounding);
       mu_out[c0 + c] = mu[c];
       is_out[c0 + c] = T(is);
       var_out[c0 + c] = T(v);
     }
-    // Pass 3
-    for_each_value(L, c0, c1, [&](int64_t k, int64_t c) {
-      y[k] = (x[k] - mu_t[c]) * scale[c] + shift[c];
-    });
+  });
+  // Pass 3
+  const T *mu_p = mu_all.data(), *scale_p = scale_all.data(), *shift_p = shift_all.data();
+  apply_values(L, [&](int64_t k, int64_t c) {
+    y[k] = (x[k] - mu_p[c]) * scale_p[c] + shift_p[c];
   });
 }
 
@@ -163,17 +188,24 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3,
   const T* is = invstd.data_ptr<T>();
   T* dg = dgamma.data_ptr<T>();
   T* db = dbeta.data_ptr<T>();
+  std::vector<T> gain(L.C), slope(L.C), offset(L.C), mu_all(L.C);
   at::parallel_for(0, L.C, grain_for(m), [&](int64_t c0, int64_t c1) {
     const int64_t n = c1 - c0;
     std::vector<T> mu_t(n);
     for (int64_t c = 0; c < n; ++c) mu_t[c] = T(mu[c0 + c]);
-    // Pass 1 (two sums): sum(dy), sum(dy (x - mu_T)); sum(dy (x - mu)) subtracts (mu - mu_T) sum(dy)
+    // Pass 1, both sums: sum(dy), sum(dy (x - mu_T)); sum(dy (x - mu)) = ... - (mu - mu_T) sum(dy)
     std::vector<double> sdy(n, 0.0), sdyxc(n, 0.0);
-    channel_sums<T>(L, c0, c1, sdy.data(), [&](int64_t k, int64_t) { return dy[k]; });
-    channel_sums<T>(L, c0, c1, sdyxc.data(), [&](int64_t k, int64_t c) {
-      return dy[k] * (x[k] - mu_t[c]);
-    });
-    std::vector<T> gain(n), slope(n), offset(n);
+    if (L.run == 1) {  // rows: two narrow passes vectorize better than one wide one
+      channel_sums<T, 1>(L, c0, c1, {sdy.data()},
+                         [&](int64_t k, int64_t) { return std::array<T, 1>{dy[k]}; });
+      channel_sums<T, 1>(L, c0, c1, {sdyxc.data()}, [&](int64_t k, int64_t c) {
+        return std::array<T, 1>{dy[k] * (x[k] - mu_t[c])};
+      });
+    } else {
+      channel_sums<T, 2>(L, c0, c1, {sdy.data(), sdyxc.data()}, [&](int64_t k, int64_t c) {
+        return std::array<T, 2>{dy[k], dy[k] * (x[k] - mu_t[c])};
+      });
+    }
     for (int64_t c = 0; c < n; ++c) {
       const double rounding = mu[c0 + c] - double(mu_t[c]);
       const double inv = double(is[c0 + c]);
@@ -181,17 +213,20 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3,
       const double dgam = (sdyxc[c] - rounding * sdy[c]) * inv;
       dg[c0 + c] = T(dgam);
       db[c0 + c] = T(sdy[c]);
-      gain[c] = T(g);
+      gain[c0 + c] = T(g);
       const double k = -g * inv * dgam / double(m);
-      slope[c] = T(k);
+      slope[c0 + c] = T(k);
       // k (x - mu) = k (x - mu_T) - k (mu - mu_T): the rounding of mu goes into the constant
-      offset[c] = T(-g * sdy[c] / double(m) - k * rounding);
+      offset[c0 + c] = T(-g * sdy[c] / double(m) - k * rounding);
+      mu_all[c0 + c] = mu_t[c];
     }
-    if (!need_dx) return;
-    // Pass 2
-    for_each_value(L, c0, c1, [&](int64_t i, int64_t c) {
-      dx[i] = gain[c] * dy[i] + slope[c] * (x[i] - mu_t[c]) + offset[c];
-    });
+  });
+  if (!need_dx) return;
+  // Pass 2
+  const T *gain_p = gain.data(), *slope_p = slope.data(), *offset_p = offset.data(),
+          *mu_p = mu_all.data();
+  apply_values(L, [&](int64_t i, int64_t c) {
+    dx[i] = gain_p[c] * dy[i] + slope_p[c] * (x[i] - mu_p[c]) + offset_p[c];
   });
 }
 
@@ -216,9 +251,21 @@ c10::optional<at::Tensor> as_dtype(const c10::optional<at::Tensor>& t, at::Scala
   return t->to(dtype).contiguous();
 }
 
-// running = (1 - momentum) running + momentum batch (the variance made unbiased with m/(m-1)).
-void update_running(at::Tensor& running, const at::Tensor& batch, double momentum) {
-  running.lerp_(batch.to(running.scalar_type()), momentum);
+// running = (1 - momentum) running + momentum scale batch (scale m/(m-1) makes the variance
+// unbiased).
+// A direct loop for the usual case (contiguous, x's dtype): a dispatched op costs microseconds,
+// which matter next to small tensors.
+template <typename T>
+void update_running(at::Tensor& running, const at::Tensor& batch, double momentum, double scale) {
+  if (running.scalar_type() != c10::CppTypeToScalarType<T>::value || !running.is_contiguous()) {
+    running.lerp_(batch.to(running.scalar_type()).mul(scale), momentum);
+    return;
+  }
+  T* r = running.data_ptr<T>();
+  const auto b = batch.to(at::kDouble).contiguous();
+  const double* v = b.data_ptr<double>();
+  for (int64_t c = 0; c < running.numel(); ++c)
+    r[c] = T(double(r[c]) + momentum * (v[c] * scale - double(r[c])));
 }
 
 }  // namespace
@@ -245,8 +292,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
   });
   if (running_mean.has_value() && running_mean->defined()) {
     const int64_t m = x3.size(0) * x3.size(2);
-    update_running(*running_mean, mean, momentum);
-    update_running(*running_var, var.mul_(double(m) / double(m - 1)), momentum);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchnorm_cpu_running", [&] {
+      update_running<scalar_t>(*running_mean, mean, momentum, 1.0);
+      update_running<scalar_t>(*running_var, var, momentum, double(m) / double(m - 1));
+    });
   }
   return {y, mean, invstd};
 }
