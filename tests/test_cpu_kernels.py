@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import rel_err
 
 from batchnorm import cpu
-from batchnorm.autograd import BatchNormFunction
+from batchnorm.autograd import BatchNormFunction, training_batch_norm
 
 needs_kernels = pytest.mark.skipif(cpu.extension() is None,
                                    reason="the C++ kernels could not be compiled here")
@@ -56,7 +56,7 @@ def test_kernels_match_float64_reference(shape, fmt, dtype, offset, tol, rng):
     x, w, b, dy = _inputs(shape, fmt, dtype, rng, offset)
     rm, rv = torch.zeros(shape[1], dtype=dtype), torch.ones(shape[1], dtype=dtype)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
-    y = BatchNormFunction.apply(xg, wg, bg, rm, rv, 0.3, 1e-5)
+    y = training_batch_norm(xg, wg, bg, rm, rv, 0.3, 1e-5)
     y.backward(dy)
     y_ref, dx_ref, dw_ref, db_ref, rm_ref, rv_ref = _reference(x, w, b, dy, 0.3, 1e-5)
     assert y.stride() == x.stride() and xg.grad.stride() == x.stride()  # layout kept
@@ -70,13 +70,13 @@ def test_kernels_match_float64_reference(shape, fmt, dtype, offset, tol, rng):
 def test_gradient_in_another_layout_and_expanded(rng):
     x, w, b, _ = _inputs((4, 6, 5, 3), torch.channels_last, torch.float32, rng, 2.0)
     xg = x.clone().requires_grad_()
-    BatchNormFunction.apply(xg, w, b, None, None, 0.1, 1e-5).sum().backward()  # expanded dy
+    training_batch_norm(xg, w, b, None, None, 0.1, 1e-5).sum().backward()  # expanded dy
     # sum(y) = m * sum(beta) whatever x is, so its gradient is 0 up to rounding
     assert xg.grad.abs().max() < 1e-5 and xg.grad.stride() == x.stride()
     xr = x.double().requires_grad_()
     dy = torch.randn(x.shape, generator=rng)  # contiguous while x is channels_last
     xg.grad = None
-    BatchNormFunction.apply(xg, w, b, None, None, 0.1, 1e-5).backward(dy)
+    training_batch_norm(xg, w, b, None, None, 0.1, 1e-5).backward(dy)
     xr.grad = None
     F.batch_norm(xr, None, None, w.double(), b.double(), True).backward(dy.double())
     assert rel_err(xg.grad, xr.grad) < 2e-6
@@ -86,7 +86,7 @@ def test_gradient_in_another_layout_and_expanded(rng):
 def test_parameter_gradients_without_input_gradient(rng):
     x, w, b, dy = _inputs((8, 5, 3), None, torch.float32, rng, 1.0)
     wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
-    BatchNormFunction.apply(x, wg, bg, None, None, 0.1, 1e-5).backward(dy)
+    training_batch_norm(x, wg, bg, None, None, 0.1, 1e-5).backward(dy)
     _, _, dw_ref, db_ref, _, _ = _reference(x, w, b, dy, 0.1, 1e-5)
     assert rel_err(wg.grad, dw_ref) < 2e-6 and rel_err(bg.grad, db_ref) < 2e-6
 
@@ -100,9 +100,9 @@ def test_disabled_by_environment_uses_aten_path(monkeypatch, rng):
     monkeypatch.setenv(cpu.ENV_VAR, "0")
     assert cpu.extension() is None
     x, w, b, dy = _inputs((6, 4, 3), None, torch.float32, rng, 1e4)
-    assert cpu.forward(x, w, b, None, None, 0.1, 1e-5) is None
+    assert cpu.train(x, w, b, None, None, 0.1, 1e-5) is None
     xg = x.clone().requires_grad_()
-    BatchNormFunction.apply(xg, w, b, None, None, 0.1, 1e-5).backward(dy)
+    training_batch_norm(xg, w, b, None, None, 0.1, 1e-5).backward(dy)
     _, dx_ref, _, _, _, _ = _reference(x, w, b, dy, 0.1, 1e-5)
     assert rel_err(xg.grad, dx_ref) < 1e-4
 
@@ -120,13 +120,13 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch, rng):
         assert cpu.extension() is None
     assert cpu.extension() is None  # remembered: no second attempt, no second warning
     x, w, b, _ = _inputs((6, 4), None, torch.float64, rng, 0.0)
-    y = BatchNormFunction.apply(x, w, b, None, None, 0.1, 1e-5)
+    y = training_batch_norm(x, w, b, None, None, 0.1, 1e-5)
     assert rel_err(y, F.batch_norm(x, None, None, w, b, True)) < 1e-12
 
 
 def test_other_dtypes_are_not_taken(rng):
     x = torch.randn(4, 3, generator=rng).to(torch.bfloat16)
-    assert cpu.forward(x, None, None, None, None, 0.1, 1e-5) is None
+    assert cpu.train(x, None, None, None, None, 0.1, 1e-5) is None
 
 
 @needs_kernels
@@ -134,7 +134,61 @@ def test_running_statistics_of_another_dtype(rng):
     """float64 input with float32 running buffers takes the kernel's generic update."""
     x, w, b, dy = _inputs((9, 4, 5), None, torch.float64, rng, 3.0)
     rm, rv = torch.zeros(4), torch.ones(4)
-    BatchNormFunction.apply(x, w, b, rm, rv, 0.25, 1e-5)
+    training_batch_norm(x, w, b, rm, rv, 0.25, 1e-5)
     _, _, _, _, rm_ref, rv_ref = _reference(x, w, b, dy, 0.25, 1e-5)
     assert rm.dtype == torch.float32
     assert rel_err(rm, rm_ref) < 1e-6 and rel_err(rv, rv_ref) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_weight, with_bias", [(False, True), (True, False), (False, False)])
+def test_gradients_of_the_arguments_given(with_weight, with_bias, rng):
+    """The C++ Function numbers its gradients by the tensors actually passed."""
+    x, w, b, dy = _inputs((6, 4, 5), None, torch.float64, rng, 1.0)
+    w = w.requires_grad_() if with_weight else None
+    b = b.requires_grad_() if with_bias else None
+    xg = x.clone().requires_grad_()
+    training_batch_norm(xg, w, b, None, None, 0.1, 1e-5).backward(dy)
+    xr = x.clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_() if with_weight else None
+    br = b.detach().clone().requires_grad_() if with_bias else None
+    F.batch_norm(xr, None, None, wr, br, True).backward(dy)
+    assert rel_err(xg.grad, xr.grad) < 1e-12
+    if with_weight:
+        assert rel_err(w.grad, wr.grad) < 1e-12
+    if with_bias:
+        assert rel_err(b.grad, br.grad) < 1e-12
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape, fmt", [((2000, 70), None), ((40, 8, 30, 30), torch.channels_last),
+                                        ((4, 6, 9000), None)])  # large enough to be split
+def test_results_do_not_depend_on_the_thread_count(shape, fmt, rng):
+    x, w, b, dy = _inputs(shape, fmt, torch.float32, rng, 5.0)
+    results = []
+    for threads in (1, 2, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            xg = x.clone().requires_grad_()
+            rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+            y = training_batch_norm(xg, w, b, rm, rv, 0.1, 1e-5)
+            y.backward(dy)
+        finally:
+            torch.set_num_threads(previous)
+        results.append((y, xg.grad, rm, rv))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+def test_aten_path_gradgradcheck(rng):
+    """Double backward of the ATen Function (the C++ one is checked in test_functional)."""
+    x, w, b, _ = _inputs((5, 3, 4), None, torch.float64, rng, 1.0)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+
+    def f(x, w, b):
+        return BatchNormFunction.apply(x, w, b, None, None, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)

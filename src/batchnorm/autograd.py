@@ -13,8 +13,8 @@ Backward, the paper's chain rule collapsed into two per-channel reductions::
     dx     = gamma / (m sqrt(var + eps)) * (m dy - dbeta - xhat * dgamma)
 
 On the CPU, float32 and float64 tensors go through fused C++ kernels that compute exactly these
-formulas in fewer passes (:mod:`batchnorm.cpu`); everything else uses the ATen operations
-below. The backward is written in differentiable tensor ops, and when a second derivative is
+formulas in fewer passes, with the autograd Function in C++ too (:mod:`batchnorm.cpu`);
+everything else uses the ATen operations below. The backward is written in differentiable tensor ops, and when a second derivative is
 requested (``create_graph=True``) it recomputes the statistics from ``x`` inside the graph, so
 double backward is exact. Half-precision inputs are computed in float32 and cast back.
 """
@@ -110,17 +110,13 @@ def closed_form_backward(dy, centered, weight, invstd):
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN. Updates the running statistics in place when they are given
-    (as ``torch.nn.functional.batch_norm`` does), so only ``y`` leaves the Function."""
+    """Training-mode BN in ATen operations, for what the fused CPU kernels do not take (other
+    dtypes and devices). Updates the running statistics in place when they are given (as
+    ``torch.nn.functional.batch_norm`` does), so only ``y`` leaves the Function."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
         ctx.eps = eps
-        fused = cpu_kernels.forward(x, weight, bias, running_mean, running_var, momentum, eps)
-        if fused is not None:  # the same math, fused in C++ (running statistics included)
-            y, mean, invstd = fused
-            ctx.save_for_backward(x, weight, mean, invstd)
-            return y
         mean, var, centered = centered_statistics(x)
         invstd = (var + eps).rsqrt_()
         # y = gamma * invstd * (x - mu) + beta, in place on the centered copy
@@ -141,19 +137,13 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        fused = None
         if torch.is_grad_enabled():
             # Double backward: the statistics depend on x, so rebuild them inside the graph.
             mean, var, centered = centered_statistics(x)
             invstd = (var + ctx.eps).rsqrt()
         else:
-            fused = cpu_kernels.backward(dy, x, weight, mean, invstd, need_x)
-        if fused is not None:
-            dx, dgamma, dbeta = fused
-        else:
-            if not torch.is_grad_enabled():
-                centered = cast(x, invstd.dtype) - per_channel(cast(mean, invstd.dtype), x)
-            dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
+            centered = cast(x, invstd.dtype) - per_channel(mean, x)
+        dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
         return (
             dx if need_x else None,
             cast(dgamma, weight.dtype) if need_w else None,
@@ -162,12 +152,21 @@ class BatchNormFunction(torch.autograd.Function):
         )
 
 
+def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Algorithm 1 with its closed-form backward: the fused CPU kernels (float32/64 on the CPU)
+    or :class:`BatchNormFunction`; both update the running statistics in place."""
+    y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
+    if y is None:
+        y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+    return y
+
+
 def batch_norm(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual
 ):
     """The torch backend; arguments are already validated by :mod:`batchnorm.functional`."""
     if training:
-        y = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+        y = training_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
     else:
         # Inference is Algorithm 2's fixed affine map; autograd through it is exact.
         invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)

@@ -2,13 +2,16 @@
 
 Composed of ATen operations, training BN costs about a dozen passes over the tensor plus a
 dozen per-channel operations; ``batchnorm_cpu.cpp`` does the same math (two-pass statistics in
-double, the closed-form backward) in three passes forward and three backward. It is compiled
+double, the closed-form backward) in three passes forward and two or three backward, inside a
+C++ autograd Function (a Python one costs more than the kernels on small layers). Double
+backward recomputes the statistics inside the graph with ATen operations, as the Python
+Function does. It is compiled
 with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached under
 ``~/.cache/torch_extensions``, about a minute once).
 
 When it cannot be used, :mod:`batchnorm.autograd` computes the same formulas with ATen
-operations: other dtypes, devices or layouts, double backward, no compiler (a warning says
-so once), or ``BATCHNORM_CPU_KERNELS=0`` in the environment.
+operations: other dtypes or devices, no compiler (a warning says so once), or
+``BATCHNORM_CPU_KERNELS=0`` in the environment.
 """
 
 from __future__ import annotations
@@ -45,19 +48,11 @@ def extension():
     return _state["module"]
 
 
-def forward(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float,
-            eps: float):
-    """``(y, mean (float64), invstd)``, updating the running statistics in place when given;
-    ``None`` when the kernels cannot take ``x``."""
-    if x.dtype not in _DTYPES or x.device.type != "cpu" or (module := extension()) is None:
+def train(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float,
+          eps: float):
+    """Training-mode BN of ``x`` through the kernels and their C++ autograd Function (the
+    running statistics are updated in place when given), or ``None`` when the kernels cannot
+    take ``x``: then the caller uses :class:`batchnorm.autograd.BatchNormFunction`."""
+    if x.dtype not in _DTYPES or not x.is_cpu or (module := extension()) is None:
         return None
-    return module.forward(x, weight, bias, running_mean, running_var, momentum, eps)
-
-
-def backward(dy: torch.Tensor, x: torch.Tensor, weight, mean, invstd, need_dx: bool):
-    """``(dx or None, dgamma, dbeta)``, or ``None`` when the kernels cannot take them."""
-    if (x.dtype not in _DTYPES or x.device.type != "cpu" or mean.dtype != torch.float64
-            or (module := extension()) is None):
-        return None
-    dx, dgamma, dbeta = module.backward(dy, x, weight, mean, invstd, need_dx)
-    return (dx if need_dx else None), dgamma, dbeta
+    return module.train(x, weight, bias, running_mean, running_var, momentum, eps)

@@ -3,13 +3,14 @@
 // Two layouts, both views of the caller's tensor (no copies):
 //   NCS: contiguous (N, C, S): channel c is N runs of S contiguous values;
 //   MC:  (M, C) rows (2-D input, or channels-last viewed as rows of C channels).
-// Work is split over channels (at::parallel_for, torch's thread pool), so each channel's
-// sums are accumulated by one thread, in double, in a fixed order: results are deterministic.
+// Work is split over threads (at::parallel_for, torch's thread pool) by channels (NCS) or
+// blocks of rows (MC); sums are accumulated in double in an order fixed by the shape alone, so
+// results are deterministic and do not depend on the number of threads.
 //
 // Forward, per channel over its m values (paper, Algorithm 1):
 //   mu = sum(x) / m;  var = sum((x - mu)^2) / m          (two passes, never E[x^2] - mu^2)
 //   y  = scale * x + shift,  scale = gamma / sqrt(var + eps),  shift = beta - scale * mu
-//   (the caller updates the running statistics from mu and var)
+//   running statistics updated in place from mu and the unbiased m/(m-1) var
 // Backward, with xc = x - mu:
 //   dbeta = sum(dy);  dgamma = invstd * sum(dy * xc)
 //   dx = gain * dy + k * xc + c0,  gain = gamma invstd,  k = -gain invstd dgamma / m,
@@ -41,77 +42,142 @@ Layout layout_of(const at::Tensor& x3) {
   return Layout{C, N, S, C * S, S};
 }
 
-// Per-channel sums over a block of channels [c0, c1), added to acc (double). Values are summed
-// in T over short chunks (kChunk values of a run, or kChunk rows), which the compiler
-// vectorizes, and each chunk's sum is added in double: accurate for millions of values.
-constexpr int64_t kChunk = 64;
+// Per-channel sums, written to acc[q][c] (double). Values are summed in T over short chunks
+// and each chunk's sum is added in double: accurate for millions of values. Within a chunk the
+// additions go to independent partial sums (one per channel for MC, kLanes per channel for
+// NCS): without -ffast-math the compiler may not reorder a single running sum, which would
+// leave one scalar add per value in a serial dependency chain. Memory is read in its own order
+// (row by row) so that the hardware prefetcher streams. The order of additions depends only on
+// the shape, never on the number of threads: results are deterministic.
+constexpr int64_t kChunkRows = 64;     // MC: rows per chunk
+constexpr int64_t kMaxRowBlocks = 64;  // MC: rows are split into at most this many blocks
+constexpr int64_t kChunkValues = 256;  // NCS: values of a run per chunk
+constexpr int kLanes = 16;             // NCS: partial sums per chunk (vector registers)
 
-// K (1 or 2) sums at once, so the backward's two take one pass: term(k, c) returns value k's
-// K terms.
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// K (1 or 2) sums at once, so the backward's two can take one pass: term(k, c) returns the K
+// terms of value k, which belongs to channel c.
 template <typename T, int K, typename F>
-void channel_sums(const Layout& L, int64_t c0, int64_t c1, std::array<double*, K> acc,
-                  F&& term) {
-  const int64_t n = c1 - c0;
-  if (L.run == 1) {  // MC: rows outside, contiguous channels inside
-    std::vector<T> part(K * n);
-    T* p0 = part.data();
-    T* p1 = part.data() + (K > 1 ? n : 0);
-    for (int64_t i0 = 0; i0 < L.rows; i0 += kChunk) {
-      std::fill(part.begin(), part.end(), T(0));
-      const int64_t i1 = std::min(L.rows, i0 + kChunk);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t row = i * L.outer;
+void channel_sums(const Layout& L, std::array<double*, K> acc, F&& term) {
+  const int64_t C = L.C;
+  if (L.run == 1) {
+    // MC: in parallel over blocks of rows, each with a partial sum per channel; the blocks'
+    // sums are then added in block order.
+    const int64_t chunks = ceil_div(L.rows, kChunkRows);
+    const int64_t chunks_per_block = ceil_div(chunks, std::min(kMaxRowBlocks, chunks));
+    const int64_t blocks = ceil_div(chunks, chunks_per_block);
+    const int64_t rows_per_block = chunks_per_block * kChunkRows;
+    std::vector<double> block_sums(blocks * K * C, 0.0);
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      std::vector<T> part(K * C);
+      T* p0 = part.data();
+      T* p1 = part.data() + (K > 1 ? C : 0);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        double* sums = block_sums.data() + blk * K * C;
+        const int64_t end = std::min(L.rows, (blk + 1) * rows_per_block);
+        for (int64_t i0 = blk * rows_per_block; i0 < end; i0 += kChunkRows) {
+          std::fill(part.begin(), part.end(), T(0));
+          for (int64_t i = i0; i < std::min(end, i0 + kChunkRows); ++i) {
+            const int64_t row = i * L.outer;
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          const std::array<T, K> v = term(row + c0 + c, c);
-          p0[c] += v[0];
-          if constexpr (K > 1) p1[c] += v[1];
-        }
-      }
-      for (int q = 0; q < K; ++q)
-        for (int64_t c = 0; c < n; ++c) acc[q][c] += double(part[q * n + c]);
-    }
-  } else {  // NCS: each channel is `rows` contiguous runs
-    for (int64_t c = c0; c < c1; ++c) {
-      double s[K] = {};
-      for (int64_t i = 0; i < L.rows; ++i) {
-        const int64_t base = i * L.outer + c * L.cstride;
-        for (int64_t j0 = 0; j0 < L.run; j0 += kChunk) {
-          const int64_t j1 = std::min(L.run, j0 + kChunk);
-          T part[K] = {};
-#pragma omp simd reduction(+ : part[:K])
-          for (int64_t j = j0; j < j1; ++j) {
-            const std::array<T, K> v = term(base + j, c - c0);
-            for (int q = 0; q < K; ++q) part[q] += v[q];
+            for (int64_t c = 0; c < C; ++c) {
+              const std::array<T, K> v = term(row + c, c);
+              p0[c] += v[0];
+              if constexpr (K > 1) p1[c] += v[1];
+            }
           }
-          for (int q = 0; q < K; ++q) s[q] += double(part[q]);
+          for (int64_t q = 0; q < K * C; ++q) sums[q] += double(part[q]);
         }
       }
-      for (int q = 0; q < K; ++q) acc[q][c - c0] += s[q];
-    }
+    });
+    for (int q = 0; q < K; ++q)
+      for (int64_t c = 0; c < C; ++c) {
+        double total = 0.0;
+        for (int64_t blk = 0; blk < blocks; ++blk) total += block_sums[(blk * K + q) * C + c];
+        acc[q][c] = total;
+      }
+    return;
   }
+  // NCS: each channel is `rows` contiguous runs; in parallel over blocks of channels.
+  at::parallel_for(0, C, grain_for(L.rows * L.run), [&](int64_t c0, int64_t c1) {
+    // per channel and sum, kLanes partial sums in double: folding a chunk is vector adds
+    std::vector<double> s((c1 - c0) * K * kLanes, 0.0);
+    for (int64_t i = 0; i < L.rows; ++i)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t base = i * L.outer + c * L.cstride;
+        double* sc = s.data() + (c - c0) * K * kLanes;
+        for (int64_t j0 = 0; j0 < L.run; j0 += kChunkValues) {
+          const int64_t j1 = std::min(L.run, j0 + kChunkValues);
+          T lane[K][kLanes] = {};
+          int64_t j = j0;
+          for (; j + kLanes <= j1; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+              const std::array<T, K> v = term(base + j + l, c);
+              for (int q = 0; q < K; ++q) lane[q][l] += v[q];
+            }
+          for (int l = 0; j < j1; ++j, ++l) {  // the last < kLanes values, a lane each
+            const std::array<T, K> v = term(base + j, c);
+            for (int q = 0; q < K; ++q) lane[q][l] += v[q];
+          }
+          for (int q = 0; q < K; ++q)
+            for (int l = 0; l < kLanes; ++l) sc[q * kLanes + l] += double(lane[q][l]);
+        }
+      }
+    for (int64_t c = c0; c < c1; ++c)
+      for (int q = 0; q < K; ++q) {
+        double total = 0.0;
+        for (int l = 0; l < kLanes; ++l) total += s[((c - c0) * K + q) * kLanes + l];
+        acc[q][c] = total;
+      }
+  });
 }
 
-// body(k, c) for every value k of channel c, in parallel over regions of memory: channels for
-// NCS, rows for MC. Rows, not channel blocks, for MC so that each thread first-touches its own
-// pages of a new output (threads faulting in the same pages serialize in the kernel).
-template <typename F>
-void apply_values(const Layout& L, F&& body) {
+// The elementwise pass of both directions, per channel c with constants from (C,) arrays:
+//   out = slope_c (x - mu_c) + offset_c            (forward: y; slope = scale, offset = shift)
+//   out = gain_c dy + slope_c (x - mu_c) + offset_c (backward: dx), when dy is given.
+// In parallel over regions of memory: channels for NCS, rows for MC. Rows, not channel blocks,
+// for MC so that each thread first-touches its own pages of the new output (threads faulting
+// in the same pages serialize in the kernel). NCS copies a channel's constants into locals:
+// read through pointers, the compiler would reload them after every store to out.
+template <typename T>
+void channel_affine(const Layout& L, const T* x, const T* dy, const T* mu, const T* gain,
+                    const T* slope, const T* offset, T* out) {
   if (L.run == 1) {
     at::parallel_for(0, L.rows, grain_for(L.C), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t row = i * L.outer;
+        const T* xr = x + i * L.outer;
+        T* outr = out + i * L.outer;
+        if (dy) {
+          const T* dyr = dy + i * L.outer;
 #pragma omp simd
-        for (int64_t c = 0; c < L.C; ++c) body(row + c, c);
+          for (int64_t c = 0; c < L.C; ++c)
+            outr[c] = gain[c] * dyr[c] + slope[c] * (xr[c] - mu[c]) + offset[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < L.C; ++c) outr[c] = (xr[c] - mu[c]) * slope[c] + offset[c];
+        }
       }
     });
   } else {
     at::parallel_for(0, L.C, grain_for(L.rows * L.run), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t i = 0; i < L.rows; ++i) {
+      for (int64_t i = 0; i < L.rows; ++i)  // memory order, as in channel_sums
+        for (int64_t c = c0; c < c1; ++c) {
+          const T mu_c = mu[c], slope_c = slope[c], offset_c = offset[c];
+          const T gain_c = dy ? gain[c] : T(0);
           const int64_t base = i * L.outer + c * L.cstride;
+          const T* xr = x + base;
+          T* outr = out + base;
+          if (dy) {
+            const T* dyr = dy + base;
 #pragma omp simd
-          for (int64_t j = 0; j < L.run; ++j) body(base + j, c);
+            for (int64_t j = 0; j < L.run; ++j)
+              outr[j] = gain_c * dyr[j] + slope_c * (xr[j] - mu_c) + offset_c;
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < L.run; ++j) outr[j] = (xr[j] - mu_c) * slope_c + offset_c;
+          }
         }
     });
   }
@@ -122,55 +188,46 @@ void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, at::Tensor& y3, at::Tensor& mean,
                   at::Tensor& invstd, at::Tensor& var, double eps) {
   const Layout L = layout_of(x3);
-  const int64_t m = L.rows * L.run;
+  const int64_t C = L.C, m = L.rows * L.run;
   const T* x = x3.data_ptr<T>();
-  T* y = y3.data_ptr<T>();
-  double* mu_out = mean.data_ptr<double>();
-  T* is_out = invstd.data_ptr<T>();
-  T* var_out = var.data_ptr<T>();
   const T* w = weight.has_value() ? weight->data_ptr<T>() : nullptr;
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  std::vector<T> mu_all(L.C), scale_all(L.C), shift_all(L.C);
-  at::parallel_for(0, L.C, grain_for(m), [&](int64_t c0, int64_t c1) {
-    const int64_t n = c1 - c0;
-    // Pass 1, shifted by each channel's first value K: sum(x - K) has no large offset to
-    // lose digits to, so float chunks stay accurate; mu = K + sum(x - K) / m.
-    std::vector<T> shift0(n);
-    for (int64_t c = 0; c < n; ++c) shift0[c] = x[(c0 + c) * L.cstride];
-    std::vector<double> sum(n, 0.0), sq(n, 0.0), mu(n);
-    channel_sums<T, 1>(L, c0, c1, {sum.data()},
-                       [&](int64_t k, int64_t c) { return std::array<T, 1>{x[k] - shift0[c]}; });
+  // Pass 1, shifted by each channel's first value K: sum(x - K) has no large offset to lose
+  // digits to, so float chunks stay accurate; mu = K + sum(x - K) / m.
+  std::vector<T> first(C), mu_t(C), scale(C), shift(C);
+  std::vector<double> sum(C), sq(C), mu(C);
+  for (int64_t c = 0; c < C; ++c) first[c] = x[c * L.cstride];
+  channel_sums<T, 1>(L, {sum.data()},
+                     [&](int64_t k, int64_t c) { return std::array<T, 1>{x[k] - first[c]}; });
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = double(first[c]) + sum[c] / double(m);
+    mu_t[c] = T(mu[c]);
+  }
+  // Pass 2: sum((x - mu)^2) = sum((x - mu_T)^2) - m (mu - mu_T)^2
+  channel_sums<T, 1>(L, {sq.data()}, [&](int64_t k, int64_t c) {
+    const T d = x[k] - mu_t[c];
+    return std::array<T, 1>{d * d};
+  });
+  double* mu_out = mean.data_ptr<double>();
+  T* invstd_out = invstd.data_ptr<T>();
+  T* var_out = var.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double rounding = mu[c] - double(mu_t[c]);
+    const double v = std::max(0.0, sq[c] / double(m) - rounding * rounding);  // biased
+    const double is = 1.0 / std::sqrt(v + eps);
+    const double g = w ? double(w[c]) : 1.0;
+    const double be = b ? double(b[c]) : 0.0;
     // y = (x - mu_T) scale + shift: x - mu_T is exact for x near mu (Sterbenz), which keeps
     // y accurate when the data has a large offset; shift absorbs mu's rounding mu - mu_T.
-    std::vector<T> mu_t(n);
-    for (int64_t c = 0; c < n; ++c) {
-      mu[c] = double(shift0[c]) + sum[c] / double(m);
-      mu_t[c] = T(mu[c]);
-    }
-    // Pass 2: sum((x - mu)^2) = sum((x - mu_T)^2) - m (mu - mu_T)^2
-    channel_sums<T, 1>(L, c0, c1, {sq.data()}, [&](int64_t k, int64_t c) {
-      const T d = x[k] - mu_t[c];
-      return std::array<T, 1>{d * d};
-    });
-    for (int64_t c = 0; c < n; ++c) {
-      const double rounding = mu[c] - double(mu_t[c]);
-      const double v = std::max(0.0, sq[c] / double(m) - rounding * rounding);  // biased
-      const double is = 1.0 / std::sqrt(v + eps);
-      const double g = w ? double(w[c0 + c]) : 1.0;
-      const double be = b ? double(b[c0 + c]) : 0.0;
-      mu_all[c0 + c] = mu_t[c];
-      scale_all[c0 + c] = T(g * is);
-      shift_all[c0 + c] = T(be - g * is * rounding);
-      mu_out[c0 + c] = mu[c];
-      is_out[c0 + c] = T(is);
-      var_out[c0 + c] = T(v);
-    }
-  });
+    scale[c] = T(g * is);
+    shift[c] = T(be - g * is * rounding);
+    mu_out[c] = mu[c];
+    invstd_out[c] = T(is);
+    var_out[c] = T(v);
+  }
   // Pass 3
-  const T *mu_p = mu_all.data(), *scale_p = scale_all.data(), *shift_p = shift_all.data();
-  apply_values(L, [&](int64_t k, int64_t c) {
-    y[k] = (x[k] - mu_p[c]) * scale_p[c] + shift_p[c];
-  });
+  channel_affine<T>(L, x, nullptr, mu_t.data(), nullptr, scale.data(), shift.data(),
+                    y3.data_ptr<T>());
 }
 
 template <typename T>
@@ -179,55 +236,46 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3,
                    const at::Tensor& invstd, at::Tensor& dx3, at::Tensor& dgamma,
                    at::Tensor& dbeta, bool need_dx) {
   const Layout L = layout_of(x3);
-  const int64_t m = L.rows * L.run;
+  const int64_t C = L.C, m = L.rows * L.run;
   const T* x = x3.data_ptr<T>();
   const T* dy = dy3.data_ptr<T>();
-  T* dx = need_dx ? dx3.data_ptr<T>() : nullptr;
   const T* w = weight.has_value() ? weight->data_ptr<T>() : nullptr;
   const double* mu = mean.data_ptr<double>();
   const T* is = invstd.data_ptr<T>();
+  std::vector<T> mu_t(C), gain(C), slope(C), offset(C);
+  for (int64_t c = 0; c < C; ++c) mu_t[c] = T(mu[c]);
+  // Pass 1, both sums: sum(dy), sum(dy (x - mu_T)); sum(dy (x - mu)) = ... - (mu - mu_T) sum(dy)
+  std::vector<double> sdy(C), sdyxc(C);
+  if (L.run == 1) {  // rows: two narrow passes vectorize better than one wide one
+    channel_sums<T, 1>(L, {sdy.data()},
+                       [&](int64_t k, int64_t) { return std::array<T, 1>{dy[k]}; });
+    channel_sums<T, 1>(L, {sdyxc.data()}, [&](int64_t k, int64_t c) {
+      return std::array<T, 1>{dy[k] * (x[k] - mu_t[c])};
+    });
+  } else {
+    channel_sums<T, 2>(L, {sdy.data(), sdyxc.data()}, [&](int64_t k, int64_t c) {
+      return std::array<T, 2>{dy[k], dy[k] * (x[k] - mu_t[c])};
+    });
+  }
   T* dg = dgamma.data_ptr<T>();
   T* db = dbeta.data_ptr<T>();
-  std::vector<T> gain(L.C), slope(L.C), offset(L.C), mu_all(L.C);
-  at::parallel_for(0, L.C, grain_for(m), [&](int64_t c0, int64_t c1) {
-    const int64_t n = c1 - c0;
-    std::vector<T> mu_t(n);
-    for (int64_t c = 0; c < n; ++c) mu_t[c] = T(mu[c0 + c]);
-    // Pass 1, both sums: sum(dy), sum(dy (x - mu_T)); sum(dy (x - mu)) = ... - (mu - mu_T) sum(dy)
-    std::vector<double> sdy(n, 0.0), sdyxc(n, 0.0);
-    if (L.run == 1) {  // rows: two narrow passes vectorize better than one wide one
-      channel_sums<T, 1>(L, c0, c1, {sdy.data()},
-                         [&](int64_t k, int64_t) { return std::array<T, 1>{dy[k]}; });
-      channel_sums<T, 1>(L, c0, c1, {sdyxc.data()}, [&](int64_t k, int64_t c) {
-        return std::array<T, 1>{dy[k] * (x[k] - mu_t[c])};
-      });
-    } else {
-      channel_sums<T, 2>(L, c0, c1, {sdy.data(), sdyxc.data()}, [&](int64_t k, int64_t c) {
-        return std::array<T, 2>{dy[k], dy[k] * (x[k] - mu_t[c])};
-      });
-    }
-    for (int64_t c = 0; c < n; ++c) {
-      const double rounding = mu[c0 + c] - double(mu_t[c]);
-      const double inv = double(is[c0 + c]);
-      const double g = (w ? double(w[c0 + c]) : 1.0) * inv;
-      const double dgam = (sdyxc[c] - rounding * sdy[c]) * inv;
-      dg[c0 + c] = T(dgam);
-      db[c0 + c] = T(sdy[c]);
-      gain[c0 + c] = T(g);
-      const double k = -g * inv * dgam / double(m);
-      slope[c0 + c] = T(k);
-      // k (x - mu) = k (x - mu_T) - k (mu - mu_T): the rounding of mu goes into the constant
-      offset[c0 + c] = T(-g * sdy[c] / double(m) - k * rounding);
-      mu_all[c0 + c] = mu_t[c];
-    }
-  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double rounding = mu[c] - double(mu_t[c]);
+    const double inv = double(is[c]);
+    const double g = (w ? double(w[c]) : 1.0) * inv;
+    const double dgam = (sdyxc[c] - rounding * sdy[c]) * inv;
+    dg[c] = T(dgam);
+    db[c] = T(sdy[c]);
+    gain[c] = T(g);
+    const double k = -g * inv * dgam / double(m);
+    slope[c] = T(k);
+    // k (x - mu) = k (x - mu_T) - k (mu - mu_T): the rounding of mu goes into the constant
+    offset[c] = T(-g * sdy[c] / double(m) - k * rounding);
+  }
   if (!need_dx) return;
   // Pass 2
-  const T *gain_p = gain.data(), *slope_p = slope.data(), *offset_p = offset.data(),
-          *mu_p = mu_all.data();
-  apply_values(L, [&](int64_t i, int64_t c) {
-    dx[i] = gain_p[c] * dy[i] + slope_p[c] * (x[i] - mu_p[c]) + offset_p[c];
-  });
+  channel_affine<T>(L, x, dy, mu_t.data(), gain.data(), slope.data(), offset.data(),
+                    dx3.data_ptr<T>());
 }
 
 // x as a contiguous (N, C, S) view, or (M, C, 1) rows for channels-last: no copy for the
@@ -248,6 +296,7 @@ std::pair<at::Tensor, at::Tensor> like(const at::Tensor& x) {
 
 c10::optional<at::Tensor> as_dtype(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value() || !t->defined()) return c10::nullopt;
+  if (t->scalar_type() == dtype && t->is_contiguous()) return t;  // no dispatcher round trip
   return t->to(dtype).contiguous();
 }
 
@@ -325,7 +374,77 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x,
   return {dx, dgamma, dbeta};
 }
 
+// Training BN as a C++ autograd Function around the kernels above. The same Function in Python
+// costs tens of microseconds per call in the autograd machinery, more than the kernels take on
+// small layers (the MNIST network's 60 x 100).
+class TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias,
+                            c10::optional<at::Tensor> running_mean,
+                            c10::optional<at::Tensor> running_var, double momentum, double eps) {
+    auto out = ::forward(x, weight, bias, running_mean, running_var, momentum, eps);
+    ctx->save_for_backward({x, weight.has_value() ? *weight : at::Tensor(), out[1], out[2]});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return out[0];
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1];
+    // needs_input_grad counts only the tensor arguments that were given
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dgamma = has_weight && ctx->needs_input_grad(1);
+    const bool need_dbeta =
+        ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(has_weight ? 2 : 1);
+    std::vector<at::Tensor> d;  // dx, dgamma, dbeta
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the backward must be differentiable
+      d = differentiable_backward(grads[0], x, weight, ctx->saved_data["eps"].toDouble());
+    } else {
+      const c10::optional<at::Tensor> w =
+          weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt;
+      d = ::backward(grads[0], x, w, saved[2], saved[3], need_dx);
+    }
+    const at::Tensor none;
+    return {need_dx ? d[0] : none, need_dgamma ? d[1] : none, need_dbeta ? d[2] : none,
+            none, none, none, none};
+  }
+
+ private:
+  // The closed form in differentiable ATen operations, with the statistics recomputed from x
+  // inside the graph (they depend on x):
+  //   dx = gamma invstd (dy - (dbeta + xhat dgamma) / m),  dgamma = sum(dy xhat),  dbeta = sum(dy)
+  static std::vector<at::Tensor> differentiable_backward(const at::Tensor& dy,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight, double eps) {
+    std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    shape[1] = x.size(1);
+    const double m = double(x.numel() / x.size(1));
+    const at::Tensor xc = x - x.mean(dims, /*keepdim=*/true);
+    const at::Tensor invstd = ((xc * xc).mean(dims, /*keepdim=*/true) + eps).rsqrt();
+    const at::Tensor xhat = xc * invstd;
+    const at::Tensor dbeta = dy.sum(dims);
+    const at::Tensor dgamma = (dy * xhat).sum(dims);
+    const at::Tensor gain = weight.defined() ? weight.view(shape) * invstd : invstd;
+    const at::Tensor dx = gain * (dy - (dbeta.view(shape) + xhat * dgamma.view(shape)) / m);
+    return {dx, dgamma, dbeta};
+  }
+};
+
+at::Tensor train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                 const c10::optional<at::Tensor>& bias, c10::optional<at::Tensor> running_mean,
+                 c10::optional<at::Tensor> running_var, double momentum, double eps) {
+  return TrainingBatchNorm::apply(x, weight, bias, running_mean, running_var, momentum, eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "BN training forward (fused, CPU)");
-  m.def("backward", &backward, "BN backward (fused, CPU)");
+  m.def("train", &train, "BN in training mode with its closed-form backward (fused, CPU)");
+  m.def("forward", &forward, "BN training forward kernel: (y, mean, invstd)");
+  m.def("backward", &backward, "BN backward kernel: (dx, dgamma, dbeta)");
 }
