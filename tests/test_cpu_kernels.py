@@ -178,8 +178,8 @@ def test_results_do_not_depend_on_the_thread_count(shape, fmt, rng):
             torch.set_num_threads(previous)
         results.append((y, xg.grad, rm, rv))
     for other in results[1:]:
-        for a, b_ in zip(results[0], other):
-            assert torch.equal(a, b_)
+        for first, again in zip(results[0], other, strict=True):
+            assert torch.equal(first, again)
 
 
 def test_aten_path_gradgradcheck(rng):

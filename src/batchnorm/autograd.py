@@ -14,9 +14,10 @@ Backward, the paper's chain rule collapsed into two per-channel reductions::
 
 On the CPU, float32 and float64 tensors go through fused C++ kernels that compute exactly these
 formulas in fewer passes, with the autograd Function in C++ too (:mod:`batchnorm.cpu`);
-everything else uses the ATen operations below. The backward is written in differentiable tensor ops, and when a second derivative is
-requested (``create_graph=True``) it recomputes the statistics from ``x`` inside the graph, so
-double backward is exact. Half-precision inputs are computed in float32 and cast back.
+everything else uses the ATen operations below. Both backwards are written so that when a
+second derivative is requested (``create_graph=True``) they recompute the statistics from ``x``
+inside the graph with differentiable tensor ops, so double backward is exact. Half-precision
+inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
