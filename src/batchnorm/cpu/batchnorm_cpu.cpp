@@ -36,10 +36,26 @@ struct Layout {
   int64_t C, rows, run, outer, cstride;  // NCS: rows=N, run=S, outer=C*S, cstride=S
 };                                        // MC:  rows=M, run=1, outer=C,   cstride=1
 
-Layout layout_of(const at::Tensor& x3) {
-  // x3 is (N, C, S) contiguous, or (M, C, 1) standing for (M, C) rows.
-  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
-  return Layout{C, N, S, C * S, S};
+// The kernels read a tensor in place when it is contiguous (NCS) or channels-last (MC), which
+// covers the layouts torch produces; anything else is copied to contiguous first.
+bool channels_last(const at::Tensor& x) {
+  return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+at::Tensor readable(const at::Tensor& x) {
+  return x.is_contiguous() || channels_last(x) ? x : x.contiguous();
+}
+
+// The geometry of a readable tensor (computed from sizes: creating view tensors would cost
+// microseconds each, which matter on small layers).
+Layout layout_of(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  if (x.is_contiguous()) {
+    const int64_t S = x.numel() / (N * C);
+    return Layout{C, N, S, C * S, S};
+  }
+  return Layout{C, x.numel() / C, 1, C, 1};  // channels-last: rows of C channels
 }
 
 // Per-channel sums, written to acc[q][c] (double). Values are summed in T over short chunks
@@ -184,12 +200,12 @@ void channel_affine(const Layout& L, const T* x, const T* dy, const T* mu, const
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
-                  const c10::optional<at::Tensor>& bias, at::Tensor& y3, at::Tensor& mean,
+void forward_impl(const at::Tensor& xr, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& y, at::Tensor& mean,
                   at::Tensor& invstd, at::Tensor& var, double eps) {
-  const Layout L = layout_of(x3);
+  const Layout L = layout_of(xr);
   const int64_t C = L.C, m = L.rows * L.run;
-  const T* x = x3.data_ptr<T>();
+  const T* x = xr.data_ptr<T>();
   const T* w = weight.has_value() ? weight->data_ptr<T>() : nullptr;
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   // Pass 1, shifted by each channel's first value K: sum(x - K) has no large offset to lose
@@ -227,18 +243,18 @@ void forward_impl(const at::Tensor& x3, const c10::optional<at::Tensor>& weight,
   }
   // Pass 3
   channel_affine<T>(L, x, nullptr, mu_t.data(), nullptr, scale.data(), shift.data(),
-                    y3.data_ptr<T>());
+                    y.data_ptr<T>());
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& dy3, const at::Tensor& x3,
+void backward_impl(const at::Tensor& dyr, const at::Tensor& xr,
                    const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
-                   const at::Tensor& invstd, at::Tensor& dx3, at::Tensor& dgamma,
+                   const at::Tensor& invstd, at::Tensor& dx, at::Tensor& dgamma,
                    at::Tensor& dbeta, bool need_dx) {
-  const Layout L = layout_of(x3);
+  const Layout L = layout_of(xr);
   const int64_t C = L.C, m = L.rows * L.run;
-  const T* x = x3.data_ptr<T>();
-  const T* dy = dy3.data_ptr<T>();
+  const T* x = xr.data_ptr<T>();
+  const T* dy = dyr.data_ptr<T>();
   const T* w = weight.has_value() ? weight->data_ptr<T>() : nullptr;
   const double* mu = mean.data_ptr<double>();
   const T* is = invstd.data_ptr<T>();
@@ -275,23 +291,7 @@ void backward_impl(const at::Tensor& dy3, const at::Tensor& x3,
   if (!need_dx) return;
   // Pass 2
   channel_affine<T>(L, x, dy, mu_t.data(), gain.data(), slope.data(), offset.data(),
-                    dx3.data_ptr<T>());
-}
-
-// x as a contiguous (N, C, S) view, or (M, C, 1) rows for channels-last: no copy for the
-// layouts torch produces (anything else is made contiguous first).
-at::Tensor view3(const at::Tensor& x) {
-  if (x.is_contiguous()) return x.view({x.size(0), x.size(1), -1});
-  const auto fmt = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-  if ((x.dim() == 4 || x.dim() == 5) && x.is_contiguous(fmt))
-    return x.movedim(1, -1).view({-1, x.size(1), 1});
-  return x.contiguous().view({x.size(0), x.size(1), -1});
-}
-
-// A new tensor laid out like view3(x), and the view3 of it.
-std::pair<at::Tensor, at::Tensor> like(const at::Tensor& x) {
-  at::Tensor out = x.is_contiguous() ? at::empty_like(x) : at::empty_like(x, x.suggest_memory_format());
-  return {out, view3(out)};
+                    dx.data_ptr<T>());
 }
 
 c10::optional<at::Tensor> as_dtype(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
@@ -328,19 +328,19 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
                                 double eps) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "batchnorm_cpu: input must be a CPU tensor "
               "of rank >= 2");
-  const at::Tensor x3 = view3(x);
-  auto [y, y3] = like(x);
-  const int64_t C = x3.size(1);
+  const at::Tensor xr = readable(x);
+  at::Tensor y = at::empty_like(xr);  // xr's strides: the same layout
+  const int64_t C = xr.size(1);
   auto mean = at::empty({C}, x.options().dtype(at::kDouble));
   auto invstd = at::empty({C}, x.options());
   auto var = at::empty({C}, x.options());
   const auto w = as_dtype(weight, x.scalar_type());
   const auto b = as_dtype(bias, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchnorm_cpu_forward", [&] {
-    forward_impl<scalar_t>(x3, w, b, y3, mean, invstd, var, eps);
+    forward_impl<scalar_t>(xr, w, b, y, mean, invstd, var, eps);
   });
   if (running_mean.has_value() && running_mean->defined()) {
-    const int64_t m = x3.size(0) * x3.size(2);
+    const int64_t m = x.numel() / C;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchnorm_cpu_running", [&] {
       update_running<scalar_t>(*running_mean, mean, momentum, 1.0);
       update_running<scalar_t>(*running_var, var, momentum, double(m) / double(m - 1));
@@ -354,22 +354,19 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x,
                                  const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
                                  const at::Tensor& invstd, bool need_dx) {
   TORCH_CHECK(mean.scalar_type() == at::kDouble, "batchnorm_cpu: mean must be float64");
-  const at::Tensor x3 = view3(x);
-  // the gradient in x's layout (an expanded gradient, e.g. of a sum, is materialized)
-  at::Tensor dyx = dy.to(x.scalar_type());
-  if (!(dyx.is_contiguous() && x.is_contiguous()) &&
-      !(dyx.strides() == x.strides() && dyx.is_non_overlapping_and_dense()))
-    dyx = at::empty_like(x, x.is_contiguous() ? at::MemoryFormat::Contiguous
-                                              : x.suggest_memory_format()).copy_(dy);
-  const at::Tensor dy3 = view3(dyx);
-  at::Tensor dx, dx3;
-  if (need_dx) std::tie(dx, dx3) = like(x);
-  const int64_t C = x3.size(1);
+  const at::Tensor xr = readable(x);
+  // the gradient in xr's layout and dtype (an expanded gradient, e.g. of a sum, is materialized)
+  at::Tensor dyr = dy;
+  if (dy.scalar_type() != xr.scalar_type() || dy.strides() != xr.strides() ||
+      !dy.is_non_overlapping_and_dense())
+    dyr = at::empty_like(xr).copy_(dy);
+  at::Tensor dx = need_dx ? at::empty_like(xr) : at::Tensor();
+  const int64_t C = xr.size(1);
   auto dgamma = at::empty({C}, x.options());
   auto dbeta = at::empty({C}, x.options());
   const auto w = as_dtype(weight, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchnorm_cpu_backward", [&] {
-    backward_impl<scalar_t>(dy3, x3, w, mean, invstd, dx3, dgamma, dbeta, need_dx);
+    backward_impl<scalar_t>(dyr, xr, w, mean, invstd, dx, dgamma, dbeta, need_dx);
   });
   return {dx, dgamma, dbeta};
 }
