@@ -5,9 +5,9 @@ dozen per-channel operations; ``batchnorm_cpu.cpp`` does the same math (two-pass
 double, the closed-form backward) in three passes forward and two or three backward, inside a
 C++ autograd Function (a Python one costs more than the kernels on small layers). Double
 backward recomputes the statistics inside the graph with ATen operations, as the Python
-Function does. It is compiled
-with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached under
-``~/.cache/torch_extensions``, about a minute once).
+Function does. It is compiled with the system's C++ compiler on first use
+(``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``, about a minute
+once).
 
 When it cannot be used, :mod:`batchnorm.autograd` computes the same formulas with ATen
 operations: other dtypes or devices, no compiler (a warning says so once), or

@@ -1,6 +1,6 @@
 // Fused CPU kernels for the "torch" backend's training-mode BN (float32 / float64).
 //
-// Two layouts, both views of the caller's tensor (no copies):
+// Two layouts, both read in place from the caller's tensor (no copies):
 //   NCS: contiguous (N, C, S): channel c is N runs of S contiguous values;
 //   MC:  (M, C) rows (2-D input, or channels-last viewed as rows of C channels).
 // Work is split over threads (at::parallel_for, torch's thread pool) by channels (NCS) or
@@ -384,7 +384,6 @@ class TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
     auto out = ::forward(x, weight, bias, running_mean, running_var, momentum, eps);
     ctx->save_for_backward({x, weight.has_value() ? *weight : at::Tensor(), out[1], out[2]});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out[0];
   }
@@ -394,7 +393,7 @@ class TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1];
     // needs_input_grad counts only the tensor arguments that were given
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_weight = weight.defined();
     const bool need_dx = ctx->needs_input_grad(0);
     const bool need_dgamma = has_weight && ctx->needs_input_grad(1);
     const bool need_dbeta =
@@ -442,6 +441,4 @@ at::Tensor train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train, "BN in training mode with its closed-form backward (fused, CPU)");
-  m.def("forward", &forward, "BN training forward kernel: (y, mean, invstd)");
-  m.def("backward", &backward, "BN backward kernel: (dx, dgamma, dbeta)");
 }
