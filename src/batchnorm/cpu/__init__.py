@@ -16,6 +16,7 @@ operations: other dtypes or devices, no compiler (a warning says so once), or
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -33,13 +34,18 @@ def build_options() -> tuple[str, list[str]]:
 
     With AVX2 (which torch reports for AVX-512 machines too) the kernels use 32-byte vectors;
     otherwise the compiler's baseline. Fused multiply-adds are off, so that both builds round
-    every operation alike and give the same bits; each build has its own name, so a home
-    directory shared by different machines keeps one of each.
+    every operation alike and give the same bits. The name ends in a hash of the source, the
+    flags and the torch version, so two checkouts or versions on one machine (they share
+    ``~/.cache/torch_extensions``) each keep their own build instead of rebuilding each
+    other's; torch's build lock means a process never loads a half-written library.
     """
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    base = "batchnorm_cpu"
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "batchnorm_cpu_avx2", [*flags, "-mavx2", "-mfma"]
-    return "batchnorm_cpu", flags
+        base, flags = "batchnorm_cpu_avx2", [*flags, "-mavx2", "-mfma"]
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join([*flags, torch.__version__]).encode())
+    return f"{base}_{digest.hexdigest()[:12]}", flags
 
 
 def extension():
