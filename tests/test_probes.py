@@ -445,6 +445,7 @@ def test_add_noise_after_bn_and_ics_on_noisy_net(bn_class):
     assert result[0].grad_norm == pytest.approx(float(first.double().norm()), rel=1e-6)
     with pytest.raises(ValueError, match="activation"):
         add_noise_after_bn(nn.Sequential(batchnorm.BatchNorm1d(3, activation="relu")))
+    assert add_noise_after_bn(nn.Sequential(nn.Linear(2, 3), nn.SyncBatchNorm(3))) == ["1"]
 
 
 # ---------------------------------------------------------------- VGG-style CNN

@@ -44,9 +44,11 @@ all passes; afterwards the global generators are restored. Gradients come from
 probe at the chosen steps, before ``optimizer.step()``, with the batch of that step, and with
 the model in the mode it trains in (``model.train()``).
 
-Cost: one deep copy of the model (and, for an optimizer ``update``, of its state); ``1 +
-(L - 1)`` forward and backward passes for ``L`` layers (the first layer has no preceding
-layers: :math:`G' = G`); one optimizer step on the copy.
+Cost: one deep copy of the model (and, for an optimizer ``update``, of its state) plus two
+parameter-sized sets (:math:`G_t` and :math:`W^{(t+1)}`); ``1 + (L - 1)`` forward and
+backward passes for ``L`` layers (the first layer has no preceding layers: :math:`G' = G`);
+one optimizer step on the copy. Hooks registered on the model are deep-copied with it and
+run in the probe's passes.
 """
 
 from __future__ import annotations

@@ -42,8 +42,7 @@ import hashlib
 
 import torch
 from torch import nn
-
-from batchnorm.modules import TORCH_BATCHNORMS
+from torch.nn.modules.batchnorm import _BatchNorm
 
 _MASK = (1 << 63) - 1
 
@@ -134,18 +133,19 @@ class NoisyBN(nn.Module):
 def add_noise_after_bn(model: nn.Module, mean_range: float = 0.5,
                        std_range: tuple[float, float] = (1.0, 1.25), *, seed: int = 0,
                        eval_noise: bool = False) -> list[str]:
-    """Replace, in place, every BN module of ``model`` (``torch.nn.BatchNorm1d/2d/3d`` and
-    subclasses, ours included) by :class:`NoisyBN` wrapping it. The k-th replaced module (in
-    registration order) gets noise seed ``(seed * 1_000_003 + k) mod 2**63``, so layers' noises are
-    independent. Parameter and buffer names gain a ``.bn`` (``bn1.weight`` ->
-    ``bn1.bn.weight``). Returns the names of the replaced modules.
+    """Replace, in place, every BN module of ``model`` (torch's ``BatchNorm1d/2d/3d``,
+    ``SyncBatchNorm``, their lazy forms and subclasses, ours included) by :class:`NoisyBN`
+    wrapping it. The k-th replaced module (in registration order) gets noise seed
+    ``(seed * 1_000_003 + k) mod 2**63``, so the layers' noises are independent. Parameter and
+    buffer names gain a ``.bn`` (``bn1.weight`` -> ``bn1.bn.weight``). Returns the names of
+    the replaced modules.
 
     A BN module with a fused ``activation`` would get the noise after its activation, not
     after BN: such modules are refused (split the activation out first).
     """
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, TORCH_BATCHNORMS) and name]
-    if isinstance(model, TORCH_BATCHNORMS):
+               if isinstance(module, _BatchNorm) and name]
+    if isinstance(model, _BatchNorm):
         raise ValueError("add_noise_after_bn: model is itself a BN module; wrap it with "
                          "NoisyBN(model, TimeVaryingNoise(...)) instead")
     for name, module in targets:
