@@ -10,7 +10,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Hold torch at the build just installed: torchvision's newest release pins a newer torch, and
+# without this pip would replace the CPU build with another.
+TORCH_PIN=$(.venv/bin/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')
+.venv/bin/python -m pip install -q -e ".[dev]" --constraint <(echo "$TORCH_PIN")
 FASHION_DIR=/usr/share/datasets/fashion-mnist
 if [ ! -d "$FASHION_DIR" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
