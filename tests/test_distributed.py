@@ -431,7 +431,7 @@ def test_from_batchnorm_shares_everything(source, affine, track):
         assert getattr(sync, name) is getattr(bn, name)
     assert sync.state_dict().keys() == bn.state_dict().keys()
     back = sync.to_batchnorm()
-    ours = batchnorm.modules.OURS.get(source, source)
+    ours = batchnorm.modules.TORCH_TO_OURS.get(source, source)
     assert type(back) is ours
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         assert getattr(back, name) is getattr(bn, name)

@@ -20,9 +20,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Activation codes, a compile-time constant of every kernel (0 = identity).
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "silu": 5}
-
 
 @triton.jit
 def channels(cb, C, CB: tl.constexpr):
@@ -86,7 +83,8 @@ def _sigmoid(v):
 
 @triton.jit
 def activate(v, ACT: tl.constexpr):
-    """``act(v)`` for the activation code ``ACT``; NaN propagates like in torch."""
+    """``act(v)`` for the activation code ``ACT`` (``batchnorm.activations.KERNEL_CODES``:
+    0 is the identity); NaN propagates like in torch."""
     if ACT == 1:  # relu
         v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:  # leaky_relu, torch's default negative slope 0.01

@@ -30,13 +30,13 @@ from collections.abc import Iterator
 
 import torch
 
+from batchnorm.activations import KERNEL_CODES, check_activation
 from batchnorm.kernels.backward import (
     bn_bwd_apply_kernel,
     bn_bwd_finalize_kernel,
     bn_bwd_fused_kernel,
     bn_bwd_reduce_kernel,
 )
-from batchnorm.kernels.common import ACTIVATIONS
 from batchnorm.kernels.forward import (
     bn_fwd_apply_kernel,
     bn_fwd_finalize_kernel,
@@ -248,11 +248,9 @@ def _match(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _act(activation: str | None) -> int:
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        names = [a for a in ACTIVATIONS if a is not None]
-        raise ValueError(f"activation must be None or one of {names}, got {activation!r}") from None
+    """The kernels' ``ACT`` code of ``activation``."""
+    check_activation(activation, "batchnorm.kernels")
+    return KERNEL_CODES[activation]
 
 
 def _apply_grid(plan: Plan) -> tuple[tuple[int], int, int]:

@@ -31,8 +31,8 @@ import os
 import torch
 import triton
 
+from batchnorm.activations import check_activation
 from batchnorm.kernels import launch
-from batchnorm.kernels.common import ACTIVATIONS
 from batchnorm.kernels.forward import bn_fwd_fused_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -262,9 +262,10 @@ def supports(input, weight, training, activation, residual) -> str | None:
         return f"input dtype must be float32, float16 or bfloat16, got {input.dtype}"
     if residual is not None and residual.dtype not in SUPPORTED_DTYPES:
         return f"residual dtype must be float32, float16 or bfloat16, got {residual.dtype}"
-    if activation not in ACTIVATIONS:
-        names = [a for a in ACTIVATIONS if a is not None]
-        return f"activation must be None or one of {names}, got {activation!r}"
+    try:
+        check_activation(activation, "backend='triton'")
+    except ValueError as error:
+        return str(error)
     if input.dim() < 2 or input.numel() == 0:
         return f"input must be non-empty with at least 2 dimensions, got shape {tuple(input.shape)}"
     return None
