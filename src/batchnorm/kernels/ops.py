@@ -44,13 +44,20 @@ INTERPRETED = not isinstance(bn_fwd_fused_kernel, triton.runtime.jit.JITFunction
 # --- shared autograd pieces ------------------------------------------------------------------
 
 def _save(ctx, x, weight, bias, residual, mean, var, eps, activation):
+    """Keep what the backward kernels read: ``mean``/``var`` are the float32 batch statistics
+    (training) or the running ones (eval), the statistics the forward normalized with."""
     ctx.eps, ctx.activation = eps, activation
     # z only shapes the backward through an activation; do not keep it alive otherwise
     ctx.save_for_backward(x, weight, bias, residual if activation else None, mean, var)
 
 
 def _grads(ctx, dy, training, needs, backward_fn):
-    """``(dx, dweight, dbias, dresidual)`` with None for what ``needs`` does not ask for."""
+    """``(dx, dweight, dbias, dresidual)`` with None for what ``needs`` does not ask for.
+
+    ``needs``: whether ``(x, weight, bias, residual)`` each want a gradient; ``backward_fn``:
+    :func:`launch.backward` (eager) or the ``triton_bn_backward`` operator (traced), which take
+    the same arguments.
+    """
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     need_x, need_w, need_b, need_z = needs
     dx, dw, db, dz = backward_fn(dy, x, weight, bias, residual, mean, var, training, ctx.eps,
