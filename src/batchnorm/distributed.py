@@ -339,8 +339,8 @@ class SyncBatchNorm(BatchNormBase):
                             f"(torch.nn.modules.batchnorm._BatchNorm), got "
                             f"{type(module).__name__}")
         new = rebuild(module, cls, process_group=process_group,
-                       activation=getattr(module, "activation", None),
-                       backend=getattr(module, "backend", "auto"))
+                      activation=getattr(module, "activation", None),
+                      backend=getattr(module, "backend", "auto"))
         if isinstance(module, SyncBatchNorm):
             new._batchnorm_class = module._batchnorm_class
         elif isinstance(module, BatchNormBase):
