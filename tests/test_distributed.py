@@ -302,6 +302,15 @@ def world_of_two(rank, world, cases, data, sizes, seed, batches):
             y = SyncBatchNorm(3, process_group=solo, dtype=torch.float64)(x)
         assert log == []
         assert rel_err(y, batchnorm.BatchNorm1d(3, dtype=torch.float64)(x)) < TOL
+        with pytest.raises(TypeError, match="residual must have input's dtype"):
+            SyncBatchNorm(3, process_group=solo, dtype=torch.float64)(x, x.float())
+    # The same argument checks when the statistics are exchanged, on every rank, before any
+    # collective call (so no rank waits for another that raised).
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="residual must have input's dtype"):
+        SyncBatchNorm(3, dtype=torch.float64)(x, x.float())
+    with pytest.raises(ValueError, match="residual must have input's shape"):
+        SyncBatchNorm(3, dtype=torch.float64)(x, x[:2])
     # float32: statistics exchanged and merged accurately despite an offset
     x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(7)) + 100
     bn = SyncBatchNorm(4)
@@ -431,7 +440,7 @@ def test_from_batchnorm_shares_everything(source, affine, track):
         assert getattr(sync, name) is getattr(bn, name)
     assert sync.state_dict().keys() == bn.state_dict().keys()
     back = sync.to_batchnorm()
-    ours = batchnorm.modules.OURS.get(source, source)
+    ours = batchnorm.modules.TORCH_TO_OURS.get(source, source)
     assert type(back) is ours
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         assert getattr(back, name) is getattr(bn, name)

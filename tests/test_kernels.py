@@ -1,43 +1,39 @@
 """The Triton kernels (``batchnorm.kernels``, the ``"triton"`` backend) against a float64 oracle.
 
-Without CUDA this module sets ``TRITON_INTERPRET=1`` before Triton is imported, so the same
-kernels run on CPU tensors through the Triton interpreter, on tiny shapes with tiny tiles (so
-that every loop runs several ragged iterations). With CUDA it runs on the GPU with realistic
-shapes and the default tiles::
+Without CUDA, ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before Triton is imported, so
+the same kernels run on CPU tensors through the Triton interpreter, on tiny shapes with tiny
+tiles (so that every loop runs several ragged iterations). With CUDA they run on the GPU with
+realistic shapes and the default tiles; tests that only make sense there are marked ``gpu``::
 
     pytest tests/test_kernels.py            # CPU: interpreter; GPU machine: real kernels
+    pytest -m gpu                           # GPU machine: only the GPU-only tests
 
 Every numerical test poisons every buffer the kernels allocate with NaN first, so an element
 the kernels forget to write fails the comparison.
 """
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # Must precede the first import of batchnorm.kernels: @triton.jit reads it at decoration.
-    os.environ["TRITON_INTERPRET"] = "1"
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
 
 import batchnorm  # noqa: E402
 import batchnorm.kernels as K  # noqa: E402
 from batchnorm import backends, reference  # noqa: E402
+from batchnorm.activations import ACTIVATIONS, epilogue  # noqa: E402
 from batchnorm.kernels import launch, ops  # noqa: E402
 
+ON_GPU = torch.cuda.is_available()
 if not ON_GPU and not K.INTERPRETED:
-    pytest.skip("batchnorm.kernels was imported before this module could set TRITON_INTERPRET=1",
-                allow_module_level=True)
+    pytest.skip("the kernels were compiled for the GPU: TRITON_INTERPRET=1 must be set before "
+                "Triton is imported (tests/conftest.py does this)", allow_module_level=True)
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # but at least 1 (the inputs are O(1); dx can be pure cancellation, e.g. with m = 2):
 # a few units in the last place of the output dtype (float32 math inside).
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ACTIVATIONS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "silu"]
-TORCH_ACT = {None: lambda v: v, "relu": F.relu, "leaky_relu": F.leaky_relu,
-             "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu}
 
 # name -> (shape, memory format); odd sizes so no dimension is a multiple of a tile
 if ON_GPU:
@@ -120,9 +113,7 @@ def reference_bn(x, weight, bias, residual, activation, training, running_mean, 
         y = y * w64.view(shape)
     if b64 is not None:
         y = y + b64.view(shape)
-    if z64 is not None:
-        y = y + z64
-    y = TORCH_ACT[activation](y)
+    y = epilogue(y, activation, z64)
     y.backward(dy.double())
     grads = {name: t.grad for name, t in
              [("x", x64), ("weight", w64), ("bias", b64), ("residual", z64)] if t is not None}
@@ -212,7 +203,7 @@ def test_training_matches_float64(gen, layout, dtype, path, activation, with_res
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["no-residual", "residual"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", [None, *ACTIVATIONS])
 @pytest.mark.parametrize("layout, path", [("nchw", "split"), ("nhwc", "fused")])
 def test_every_activation(gen, layout, path, activation, with_residual):
     run_case(gen, layout, torch.float32, path, activation, with_residual)
@@ -417,7 +408,7 @@ def test_torch_compile_fullgraph(gen):
         assert_close(compiled, eager.double(), 1e-6, "compiled vs eager")
 
 
-@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.gpu
 def test_cuda_graph_capture(gen):
     """Forward (with the running-statistics update) and backward replay from a CUDA graph."""
     shape = LAYOUTS["nhwc"][0]

@@ -2,7 +2,8 @@
 
 Every layer computes ``y = activation(BN(x) + residual)``. This module owns the names (what
 users pass as ``activation=``), the ATen implementation of each, the integer code the Triton
-kernels branch on, and the check that turns a bad name into an error that lists the choices.
+kernels branch on, the ``torch.nn`` module of each (what :func:`batchnorm.fold` leaves behind),
+and the check that turns a bad name into an error that lists the choices.
 Backends, modules, ``SyncBatchNorm``, ``convert`` and the tests all read it from here.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: name -> ATen implementation. ``leaky_relu`` uses torch's default negative slope 0.01.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -27,6 +29,13 @@ KERNEL_CODES: dict[str | None, int] = {
     None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "silu": 5,
 }
 assert set(KERNEL_CODES) - {None} == set(ACTIVATIONS)
+
+#: name -> the ``torch.nn`` module computing the same function (default arguments).
+MODULES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+}
+assert set(MODULES) == set(ACTIVATIONS)
 
 
 def check_activation(activation, who: str) -> None:

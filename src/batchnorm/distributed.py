@@ -46,15 +46,17 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional
-from batchnorm.autograd import (
-    ACTIVATIONS,
+from batchnorm.activations import epilogue
+from batchnorm.modules import TORCH_TO_OURS, BatchNormBase
+from batchnorm.process_group import is_initialized
+from batchnorm.statistics import (
     cast,
     centered_statistics,
     compute_dtype,
     per_channel,
     reduce_dims,
 )
-from batchnorm.modules import OURS, _BatchNormMixin, _EpilogueOptions
+from batchnorm.swap import rebuild
 
 __all__ = ["SyncBatchNorm", "merge_across_processes", "merge_statistics", "record_traffic"]
 
@@ -71,7 +73,7 @@ _HEADER = 2  # (high, low) in front of the C means and C M2s
 def process_group_size(process_group=None, *, who: str = "SyncBatchNorm") -> int:
     """World size of ``process_group`` (default: the whole world), after checking that
     ``torch.distributed`` is initialized and that this process is a member."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         raise RuntimeError(
             f"{who}: training needs an initialized torch.distributed process group (call "
             "torch.distributed.init_process_group, or start with torchrun), because the batch "
@@ -264,7 +266,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 # module
 
 
-class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
+class SyncBatchNorm(BatchNormBase):
     r"""BN whose training statistics cover the mini-batch of every process in ``process_group``.
 
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
@@ -303,52 +305,26 @@ class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
         affine: bool = True, track_running_stats: bool = True, process_group=None,
         device=None, dtype=None, *, activation: str | None = None, backend: str = "auto",
     ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._set_epilogue(activation, backend)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         activation=activation, backend=backend)
         self.process_group = process_group
         # The BatchNorm1d/2d/3d class that to_batchnorm() returns; known after from_batchnorm.
         self._batchnorm_class: type | None = None
 
-    def _check_input_dim(self, input):
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"SyncBatchNorm: input must be a tensor, got {type(input).__name__}")
-        if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm: expected input of rank >= 2 (N, C, ...), got "
-                             f"shape {tuple(input.shape)}")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm({self.num_features}): input has {input.shape[1]} channels "
-                f"(dimension 1 of shape {tuple(input.shape)}), expected "
-                f"num_features={self.num_features}"
-            )
-        if not input.is_floating_point():
-            raise TypeError(f"SyncBatchNorm: input must be floating point, got {input.dtype}")
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = _BatchNormMixin._averaging_factor(self, self.num_batches_tracked)  # counts it
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_running else None
-        running_var = self.running_var if keep_running else None
+        running_mean, running_var, use_batch_stats, factor = self._statistics_arguments()
         world = process_group_size(self.process_group) if self.training else 1
-        if world == 1:  # nothing to exchange: the ordinary computation
-            return functional.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                factor, self.eps, activation=self.activation, residual=residual,
-                backend=self.backend,
-            )
-        if residual is not None and (not isinstance(residual, torch.Tensor)
-                                     or residual.shape != input.shape):
-            raise ValueError(f"SyncBatchNorm: residual must be a tensor of input's shape "
-                             f"{tuple(input.shape)}, got {getattr(residual, 'shape', residual)}")
+        if world == 1:  # nothing to exchange: the ordinary computation (checks every argument)
+            return self._local_batch_norm(input, residual, running_mean, running_var,
+                                          use_batch_stats, factor)
+        # The same checks, but the count per channel is checked on the global batch.
+        functional.check_arguments(input, running_mean, running_var, self.weight, self.bias,
+                                   use_batch_stats, factor, self.eps, self.activation, residual,
+                                   sharded=True)
         y = SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
                                         factor, self.eps, self.process_group, world)
-        if residual is not None:
-            y = y + residual
-        if self.activation is not None:
-            y = ACTIVATIONS[self.activation](y)
-        return y
+        return epilogue(y, self.activation, residual)
 
     @classmethod
     def from_batchnorm(cls, module: _BatchNorm, process_group=None) -> SyncBatchNorm:
@@ -358,21 +334,19 @@ class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
         ``module`` is any BN layer: ``torch.nn.BatchNorm1d/2d/3d``, ours, or a synchronized one.
         Our fused ``activation`` and ``backend`` carry over.
         """
-        from batchnorm.inference import _rebuild
-
         if not isinstance(module, _BatchNorm):
             raise TypeError(f"SyncBatchNorm.from_batchnorm: module must be a BatchNorm layer "
                             f"(torch.nn.modules.batchnorm._BatchNorm), got "
                             f"{type(module).__name__}")
-        new = _rebuild(module, cls, process_group=process_group,
-                       activation=getattr(module, "activation", None),
-                       backend=getattr(module, "backend", "auto"))
+        new = rebuild(module, cls, process_group=process_group,
+                      activation=getattr(module, "activation", None),
+                      backend=getattr(module, "backend", "auto"))
         if isinstance(module, SyncBatchNorm):
             new._batchnorm_class = module._batchnorm_class
-        elif isinstance(module, _BatchNormMixin):
+        elif isinstance(module, BatchNormBase):
             new._batchnorm_class = type(module)
         else:
-            new._batchnorm_class = OURS.get(type(module))
+            new._batchnorm_class = TORCH_TO_OURS.get(type(module))
         return new
 
     def to_batchnorm(self, cls: type | None = None) -> _BatchNorm:
@@ -381,17 +355,15 @@ class SyncBatchNorm(_EpilogueOptions, _BatchNorm):
         ``cls`` defaults to ours of the layer this one was made from (``batchnorm.BatchNorm2d``
         for a ``torch.nn.BatchNorm2d``); a SyncBatchNorm built directly needs ``cls``.
         """
-        from batchnorm.inference import _rebuild
-
         cls = cls or self._batchnorm_class
         if cls is None:
             raise ValueError(
                 "SyncBatchNorm.to_batchnorm: this layer was not made from a BatchNorm1d/2d/3d, "
                 "so the input rank is unknown; pass cls (e.g. batchnorm.BatchNorm2d)"
             )
-        if issubclass(cls, _BatchNormMixin):
-            return _rebuild(self, cls, activation=self.activation, backend=self.backend)
+        if issubclass(cls, BatchNormBase):
+            return rebuild(self, cls, activation=self.activation, backend=self.backend)
         if self.activation is not None:
             raise ValueError(f"SyncBatchNorm.to_batchnorm: {cls.__name__} has no fused "
                              f"activation; this layer has activation={self.activation!r}")
-        return _rebuild(self, cls)
+        return rebuild(self, cls)

@@ -12,7 +12,7 @@ import numbers
 import torch
 
 from batchnorm import backends
-from batchnorm.autograd import ACTIVATIONS
+from batchnorm.activations import check_activation
 
 
 def batch_norm(
@@ -73,9 +73,15 @@ def batch_norm(
 
 
 def check_arguments(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
+    *, sharded: bool = False,
 ) -> None:
-    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take."""
+    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take.
+
+    ``sharded=True`` is for a batch split over processes (:class:`batchnorm.SyncBatchNorm`):
+    this process's part may then hold fewer than 2 values per channel (even none), and the
+    caller checks the count of the whole batch instead.
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -118,7 +124,7 @@ def check_arguments(
     if (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
             or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
-    if training:
+    if training and not sharded:
         per_channel = input.numel() // channels if channels else 0
         if per_channel < 2:
             raise ValueError(
@@ -126,11 +132,7 @@ def check_arguments(
                 f"of shape {tuple(input.shape)} ({per_channel} per channel); batch statistics "
                 "need at least 2 values per channel"
             )
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(
-            f"batch_norm: activation must be None or one of {sorted(ACTIVATIONS)}, got "
-            f"{activation!r}"
-        )
+    check_activation(activation, "batch_norm")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"batch_norm: residual must be a tensor or None, got "

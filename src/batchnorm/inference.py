@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +20,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from batchnorm.autograd import batch_statistics
-from batchnorm.modules import OURS, TORCH_BATCHNORMS, _BatchNormMixin
+from batchnorm.activations import MODULES as ACTIVATION_MODULES
+from batchnorm.distributed import SyncBatchNorm, merge_across_processes
+from batchnorm.modules import TORCH_BATCHNORMS, TORCH_TO_OURS, BatchNormBase
+from batchnorm.process_group import is_distributed, is_main_process
+from batchnorm.statistics import mean_and_variance
+from batchnorm.swap import rebuild, replace_submodule
 
 logger = logging.getLogger("batchnorm")
 
@@ -28,33 +34,24 @@ logger = logging.getLogger("batchnorm")
 # convert
 
 
-def _rebuild(old: _BatchNorm, new_cls: type, **extra) -> _BatchNorm:
-    """A ``new_cls`` module that shares ``old``'s parameters and buffers (same objects, so an
-    optimizer built before the swap keeps working) and its train/eval mode."""
-    new = new_cls(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
-                  device="meta", **extra)
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(old, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(old, name))
-    new.train(old.training)
-    return new
+def _torch_class_of(module: nn.Module) -> type | None:
+    """The ``torch.nn.BatchNorm*d`` that ``module`` is a drop-in for, if it is one of ours
+    (``SyncBatchNorm`` is not: it stays what it is under ``to="torch"``)."""
+    if isinstance(module, BatchNormBase):
+        return next((c for c in TORCH_BATCHNORMS if isinstance(module, c)), None)
+    return None
 
 
 def _swap(module: nn.Module, to: str, sync: bool, process_group) -> nn.Module:
+    """``module`` as ``convert`` wants it, or ``module`` itself when it stays."""
     if sync:
-        if isinstance(module, _BatchNorm):
-            from batchnorm.distributed import SyncBatchNorm
-
-            if isinstance(module, SyncBatchNorm):
-                return module
+        if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
             return SyncBatchNorm.from_batchnorm(module, process_group)
         return module
     if to == "batchnorm" and type(module) in TORCH_BATCHNORMS:
-        return _rebuild(module, OURS[type(module)])
-    if to == "torch" and isinstance(module, _BatchNormMixin):
-        torch_cls = next(c for c in TORCH_BATCHNORMS if isinstance(module, c))
-        return _rebuild(module, torch_cls)
+        return rebuild(module, TORCH_TO_OURS[type(module)])
+    if to == "torch" and (torch_cls := _torch_class_of(module)) is not None:
+        return rebuild(module, torch_cls)
     if hasattr(module, "to_batchnorm") and to == "batchnorm":  # our SyncBatchNorm, unsynced
         return module.to_batchnorm()
     return module
@@ -81,7 +78,7 @@ def convert(
     if to == "torch":
         # torch's BN cannot hold a fused nonlinearity; dropping it would change the model
         fused = [name or "model" for name, m in model.named_modules()
-                 if isinstance(m, _BatchNormMixin) and m.activation is not None]
+                 if _torch_class_of(m) is not None and m.activation is not None]
         if fused:
             raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(fused)} fuse an "
                              "activation, which torch.nn.BatchNorm*d cannot hold; rebuild them "
@@ -126,34 +123,121 @@ def _first_tensor(batch):
 
 def _is_synchronized(module: nn.Module) -> bool:
     """Whether this layer normalizes with statistics of a batch spread over processes."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    from batchnorm.distributed import SyncBatchNorm
-
-    return isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm))
+    return is_distributed() and isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm))
 
 
-def _global_batch_statistics(module, mean, var, m):
-    """For a synchronized BN layer: the statistics of the global batch it normalized with."""
-    from batchnorm.distributed import merge_across_processes
+class _StatisticsRecorder:
+    """Forward pre-hooks that add each BN layer's mini-batch statistics to its accumulator.
 
-    return merge_across_processes(mean, var, m, getattr(module, "process_group", None))
+    A synchronized layer in a distributed run normalizes with the statistics of the global
+    batch, so it records those (every process gets the same numbers); every other layer records
+    its own batch, and those sums are pooled over processes by :meth:`pool_across_processes`.
+    """
+
+    def __init__(self, layers: dict[str, _BatchNorm]):
+        self.layers = layers
+        self.accumulators = {name: _PopulationAccumulator(
+            torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device),
+            torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device))
+            for name, m in layers.items()}
+        self.synchronized = {name for name, m in layers.items() if _is_synchronized(m)}
+
+    def _record(self, name: str, module: _BatchNorm, args) -> None:
+        x = args[0]
+        mean, var = mean_and_variance(x)
+        m = x.numel() // x.shape[1]
+        if name in self.synchronized:
+            mean, var, m = merge_across_processes(mean, var, m,
+                                                  getattr(module, "process_group", None))
+        self.accumulators[name].add(mean, var, m)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """The hooks are on the layers inside the ``with`` block only."""
+        handles = [m.register_forward_pre_hook(functools.partial(self._record, name))
+                   for name, m in self.layers.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def pool_across_processes(self) -> None:
+        """Sum the unsynchronized layers' accumulators over the processes of a data-parallel
+        run (each process saw its own batches); nothing to do in a single process."""
+        if not is_distributed():
+            return
+        for name, acc in self.accumulators.items():
+            if name in self.synchronized:
+                continue
+            counts = torch.tensor([acc.count, acc.dof], dtype=torch.float64,
+                                  device=acc.weighted_mean.device)
+            for tensor in (acc.weighted_mean, acc.weighted_var, counts):
+                torch.distributed.all_reduce(tensor)
+            acc.count, acc.dof = counts.tolist()
+
+    def write_population_statistics(self) -> None:
+        for name, m in self.layers.items():
+            mean, var = self.accumulators[name].result()
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
 
 
-def _all_reduce_accumulators(accumulators: dict[str, _PopulationAccumulator], skip) -> None:
-    """Pool the per-process sums of an unsynchronized data-parallel run."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for name, acc in accumulators.items():
-        if name in skip:
-            continue
-        counts = torch.tensor([acc.count, acc.dof], dtype=torch.float64,
-                              device=acc.weighted_mean.device)
-        for tensor in (acc.weighted_mean, acc.weighted_var, counts):
-            dist.all_reduce(tensor)
-        acc.count, acc.dof = counts.tolist()
+def _layers_with_running_statistics(model: nn.Module) -> dict[str, _BatchNorm]:
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, _BatchNorm) and m.track_running_stats
+              and m.running_mean is not None}
+    if not layers:
+        raise ValueError("recalibrate: model has no BatchNorm layer with running statistics")
+    return layers
+
+
+@contextlib.contextmanager
+def _measuring(model: nn.Module, layers: dict[str, _BatchNorm]) -> Iterator[None]:
+    """The network frozen (eval mode) but its BN ``layers`` normalizing with batch statistics;
+    afterwards every module's mode and every layer's buffers are as before."""
+    modes = {m: m.training for m in model.modules()}
+    saved = {name: (m.running_mean.clone(), m.running_var.clone(),
+                    None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for name, m in layers.items()}
+    try:
+        model.eval()
+        for m in layers.values():
+            m.train()
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+        for name, m in layers.items():
+            mean, var, tracked = saved[name]
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _run_batches(model: nn.Module, batches: Iterable, num_batches: int | None,
+                 forward: Callable | None, progress: bool) -> int:
+    """Feed at most ``num_batches`` of ``batches`` through ``model`` (a progress bar on the
+    main process); return how many went through."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    total = num_batches
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    bar = tqdm(batches, total=total, desc="recalibrate", unit="batch",
+               disable=not (progress and is_main_process()))
+    seen = 0
+    for batch in bar:
+        if num_batches is not None and seen >= num_batches:
+            break
+        if forward is not None:
+            forward(model, batch)
+        else:
+            model(_first_tensor(batch).to(device))
+        seen += 1
+    bar.close()
+    return seen
 
 
 @torch.no_grad()
@@ -195,74 +279,15 @@ def recalibrate(
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"recalibrate: num_batches must be a positive int or None, got "
                          f"{num_batches!r}")
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, _BatchNorm) and m.track_running_stats
-              and m.running_mean is not None}
-    if not layers:
-        raise ValueError("recalibrate: model has no BatchNorm layer with running statistics")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    modes = {m: m.training for m in model.modules()}
-    saved = {name: (m.running_mean.clone(), m.running_var.clone(),
-                    None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for name, m in layers.items()}
-    accumulators = {name: _PopulationAccumulator(
-        torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device),
-        torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device))
-        for name, m in layers.items()}
-    synchronized = {name for name, m in layers.items() if _is_synchronized(m)}
-
-    def record(name):
-        def hook(module, args):
-            x = args[0]
-            mean, var = batch_statistics(x)
-            m = x.numel() // x.shape[1]
-            if name in synchronized:
-                mean, var, m = _global_batch_statistics(module, mean, var, m)
-            accumulators[name].add(mean, var, m)
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    seen = 0
-    from batchnorm.repro.common import is_main_process
-
-    try:
-        model.eval()
-        for m in layers.values():
-            m.train()
-        total = num_batches
-        if total is None and hasattr(batches, "__len__"):
-            total = len(batches)
-        bar = tqdm(batches, total=total, desc="recalibrate", unit="batch",
-                   disable=not (progress and is_main_process()))
-        for batch in bar:
-            if num_batches is not None and seen >= num_batches:
-                break
-            if forward is not None:
-                forward(model, batch)
-            else:
-                model(_first_tensor(batch).to(device))
-            seen += 1
-        bar.close()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
-        for name, m in layers.items():
-            mean, var, tracked = saved[name]
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+    layers = _layers_with_running_statistics(model)
+    recorder = _StatisticsRecorder(layers)
+    with _measuring(model, layers), recorder.attached():
+        seen = _run_batches(model, batches, num_batches, forward, progress)
     if seen == 0:
         raise ValueError("recalibrate: batches is empty; population statistics need at least "
                          "one training mini-batch")
-    _all_reduce_accumulators(accumulators, skip=synchronized)
-    for name, m in layers.items():
-        mean, var = accumulators[name].result()
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
+    recorder.pool_across_processes()
+    recorder.write_population_statistics()
     logger.info("recalibrate: %d BN layers from %d batches", len(layers), seen)
     return model
 
@@ -271,8 +296,6 @@ def recalibrate(
 # fold
 
 FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_ACTIVATION_MODULES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "sigmoid": nn.Sigmoid,
-                       "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 @dataclass
@@ -363,11 +386,6 @@ def _why_not(layer: nn.Module, bn: _BatchNorm) -> str:
     return ""
 
 
-def _replace(model: nn.Module, qualname: str, new: nn.Module) -> None:
-    parent_name, _, child = qualname.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def fold(model: nn.Module, *, report: bool = False):
     """An eval-mode copy of ``model`` with each foldable BN merged into the layer before it.
 
@@ -393,8 +411,8 @@ def fold(model: nn.Module, *, report: bool = False):
             continue
         _fold_into(folded.get_submodule(layer_name), bn)
         activation = getattr(bn, "activation", None)
-        _replace(folded, bn_name, _ACTIVATION_MODULES[activation]() if activation
-                 else nn.Identity())
+        replace_submodule(folded, bn_name,
+                          ACTIVATION_MODULES[activation]() if activation else nn.Identity())
         result.folded.append((layer_name, bn_name))
     return (folded, result) if report else folded
 

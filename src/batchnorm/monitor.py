@@ -28,6 +28,7 @@ v_{n-1}` is linearly interpolated at position :math:`h = (n-1)\,q/100`:
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -102,41 +103,41 @@ class ActivationMonitor:
         self.history: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
         self.unit_ids: dict[str, list[int]] = {}
 
-    @contextmanager
-    def record(self, step: int) -> Iterator[ActivationMonitor]:
-        """Within this block, collect the watched values of every forward call; at its end,
-        store their percentiles under ``step``."""
-        seen: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
+    def _watched_units(self, name: str, tensor) -> torch.Tensor:
+        """The watched units of ``tensor`` (the input or output of module ``name``) as a CPU
+        copy ``(samples, units)``: every position of a unit is one sample."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+            raise ValueError(f"ActivationMonitor: {self.watch} of {name!r} must be a "
+                             f"tensor with a unit dimension 1, got "
+                             f"{getattr(tensor, 'shape', type(tensor).__name__)}")
+        # (N, C, *) -> (N * prod(*), C)
+        flat = tensor.detach().movedim(1, -1).reshape(-1, tensor.shape[1])
+        if self.units is not None:
+            if max(self.units) >= flat.shape[1] or min(self.units) < -flat.shape[1]:
+                raise ValueError(f"ActivationMonitor: units {self.units} out of range "
+                                 f"for {name!r} with {flat.shape[1]} units")
+            flat = flat[:, self.units]
+        return flat.to("cpu", copy=True)
 
-        def hook_for(name):
-            def take(tensor):
-                if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
-                    raise ValueError(f"ActivationMonitor: {self.watch} of {name!r} must be a "
-                                     f"tensor with a unit dimension 1, got "
-                                     f"{getattr(tensor, 'shape', type(tensor).__name__)}")
-                # (N, C, *) -> (N * prod(*), C): every position of a unit is one sample
-                flat = tensor.detach().movedim(1, -1).reshape(-1, tensor.shape[1])
-                if self.units is not None:
-                    if max(self.units) >= flat.shape[1] or min(self.units) < -flat.shape[1]:
-                        raise ValueError(f"ActivationMonitor: units {self.units} out of range "
-                                         f"for {name!r} with {flat.shape[1]} units")
-                    flat = flat[:, self.units]
-                seen[name].append(flat.to("cpu", copy=True))
-
+    def _attach(self, seen: dict[str, list[torch.Tensor]], handles: list) -> None:
+        """Hooks that append each watched module's values to ``seen[name]``; their handles go
+        to ``handles`` as they are made."""
+        for name, module in self.modules.items():
             if self.watch == "input":
-                return lambda module, args: take(args[0] if args else None)
-            return lambda module, args, output: take(output)
+                hook = functools.partial(self._take_input, seen, name)
+                handles.append(module.register_forward_pre_hook(hook))
+            else:
+                hook = functools.partial(self._take_output, seen, name)
+                handles.append(module.register_forward_hook(hook))
 
-        handles = []
-        try:
-            for name, module in self.modules.items():
-                register = (module.register_forward_pre_hook if self.watch == "input"
-                            else module.register_forward_hook)
-                handles.append(register(hook_for(name)))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+    def _take_input(self, seen, name, module, args) -> None:
+        seen[name].append(self._watched_units(name, args[0] if args else None))
+
+    def _take_output(self, seen, name, module, args, output) -> None:
+        seen[name].append(self._watched_units(name, output))
+
+    def _store(self, step: int, seen: dict[str, list[torch.Tensor]]) -> None:
+        """The percentiles of everything in ``seen``, recorded under ``step``."""
         missing = [name for name, chunks in seen.items() if not chunks]
         if missing:
             raise RuntimeError(f"ActivationMonitor: step {step}: modules {missing} were not "
@@ -147,6 +148,20 @@ class ActivationMonitor:
                                      else list(range(values.shape[1])))
             self.history[name].append(compute_percentiles(values, self.percentiles))
         self.steps.append(int(step))
+
+    @contextmanager
+    def record(self, step: int) -> Iterator[ActivationMonitor]:
+        """Within this block, collect the watched values of every forward call; at its end,
+        store their percentiles under ``step``."""
+        seen: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
+        handles = []
+        try:
+            self._attach(seen, handles)
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._store(step, seen)
 
     def series(self, module: str, unit: int | None = None) -> np.ndarray:
         """Recorded percentiles of ``module`` as an array ``(steps, percentiles, units)``, or

@@ -1,8 +1,9 @@
 """Triton GPU kernels for batch normalization: the ``"triton"`` backend.
 
-Importing this package registers the backend with :mod:`batchnorm.backends`; without Triton
-the import raises ``ImportError``, which the backend seam records and ``backend="auto"``
-falls back to ``"torch"``.
+The backend seam (:mod:`batchnorm.backends`) imports this package on first use and registers
+its :func:`batch_norm` and :func:`supports`; without Triton the import raises ``ImportError``,
+which the seam records, and ``backend="auto"`` falls back to ``"torch"``. The package imports
+nothing from the layers above it (only :mod:`batchnorm.activations`).
 
 What the kernels do (math in :mod:`.forward` and :mod:`.backward`):
 
@@ -24,10 +25,7 @@ then uses the ``"torch"`` backend, and an explicit ``backend="triton"`` raises w
 
 import triton  # noqa: F401  -- ImportError here is how the seam learns Triton is missing
 
-from batchnorm.backends import Backend, register_backend
 from batchnorm.kernels.launch import KernelConfig, configure, get_config
 from batchnorm.kernels.ops import INTERPRETED, batch_norm, supports
 
 __all__ = ["INTERPRETED", "KernelConfig", "batch_norm", "configure", "get_config", "supports"]
-
-register_backend(Backend(name="triton", batch_norm=batch_norm, supports=supports))

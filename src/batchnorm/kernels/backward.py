@@ -120,12 +120,20 @@ def store_param_grads(sum_g, sum_gx, ch, cmask, dw_ptr, db_ptr,
 
 @triton.jit
 def bn_bwd_fused_kernel(
-    dy_ptr, x_ptr, z_ptr, dx_ptr, dz_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dw_ptr, db_ptr,
-    A, C, S, TS, T, m, eps,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr, ACT: tl.constexpr,
-    TRAINING: tl.constexpr, HAS_DX: tl.constexpr,
-    STORE_DZ: tl.constexpr, STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr,  # output gradient, input x, residual z (read if HAS_Z and ACT)
+    dx_ptr, dz_ptr,  # written if HAS_DX / STORE_DZ: gradients of x and of z; x's strides
+    w_ptr, b_ptr,  # (C,) gamma and beta, read if HAS_W / HAS_B
+    mean_ptr, var_ptr,  # (C,) the forward's statistics: the batch's, or the running ones
+    dw_ptr, db_ptr,  # (C,) written if STORE_DW / STORE_DB: dgamma, dbeta
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    m, eps,  # values per channel (float); added to the variance
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr,  # gamma, beta, z given
+    ACT: tl.constexpr,  # activation code (batchnorm.activations.KERNEL_CODES)
+    TRAINING: tl.constexpr,  # batch statistics (dx has the mean terms) or running ones
+    HAS_DX: tl.constexpr, STORE_DZ: tl.constexpr,  # write dx; write dz
+    STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,  # write dgamma; write dbeta
 ):
     """Backward in one launch; program ``cb`` owns ``CB`` channels and all ``T`` tiles:
     the two sums over every tile, then ``dx`` (and ``dz``) over every tile."""
@@ -149,11 +157,19 @@ def bn_bwd_fused_kernel(
 
 @triton.jit
 def bn_bwd_reduce_kernel(
-    dy_ptr, x_ptr, z_ptr, g_out, psum_g, psum_gx, w_ptr, b_ptr, mean_ptr, var_ptr,
-    A, C, S, TS, T, tiles_per_split, splits, eps,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr, ACT: tl.constexpr,
-    STORE_G: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr,  # output gradient, input x, residual z (read if HAS_Z and ACT)
+    g_out,  # written if STORE_G: g = dy * act'(pre), the residual's gradient; x's strides
+    psum_g, psum_gx,  # (P, C) float32, written: sum g and sum g xhat of each split
+    w_ptr, b_ptr,  # (C,) gamma and beta, read if HAS_W / HAS_B
+    mean_ptr, var_ptr,  # (C,) the forward's statistics: the batch's, or the running ones
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    tiles_per_split, splits,  # tiles each split reduces; P, the splits per channel program
+    eps,  # added to the variance
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr,  # gamma, beta, z given
+    ACT: tl.constexpr,  # activation code (batchnorm.activations.KERNEL_CODES)
+    STORE_G: tl.constexpr,  # write g into g_out for the elementwise pass
 ):
     """Partial ``(sum g, sum g xhat)`` of split ``p`` of channel program ``cb`` into row ``p``
     of the ``(P, C)`` buffers; program id = ``cb * splits + p``."""
@@ -176,9 +192,13 @@ def bn_bwd_reduce_kernel(
 
 @triton.jit
 def bn_bwd_finalize_kernel(
-    psum_g, psum_gx, sums_out, dw_ptr, db_ptr, P, C,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
+    psum_g, psum_gx,  # (P, C) float32 partial sums of g and g xhat (reduce kernel)
+    sums_out,  # (2C,) float32, written: [sum g, sum g xhat]
+    dw_ptr, db_ptr,  # (C,) written if STORE_DW / STORE_DB: dgamma, dbeta
+    P, C,  # partials per channel, channels
+    BLOCK_P: tl.constexpr,  # partials added per loop iteration
+    BLOCK_C: tl.constexpr,  # channels per program
+    STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,  # write dgamma; write dbeta
 ):
     """Add the ``P`` partial sums: ``sums_out = [sum g (C values), sum g xhat (C values)]``
     in float32 for the elementwise pass, plus ``dgamma``, ``dbeta``."""
@@ -198,12 +218,22 @@ def bn_bwd_finalize_kernel(
 
 @triton.jit
 def bn_bwd_apply_kernel(
-    dy_ptr, x_ptr, z_ptr, g_in, dx_ptr, dz_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, sums_ptr,
-    A, C, S, TS, T, m, eps, tiles_per_program, programs_per_channel,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr, ACT: tl.constexpr,
-    TRAINING: tl.constexpr, G_IN: tl.constexpr,
-    HAS_DX: tl.constexpr, STORE_DZ: tl.constexpr,
+    dy_ptr, x_ptr, z_ptr,  # output gradient, input x, residual z (read if HAS_Z and ACT)
+    g_in,  # read if G_IN: g as the reduce kernel wrote it
+    dx_ptr, dz_ptr,  # written if HAS_DX / STORE_DZ: gradients of x and of z; x's strides
+    w_ptr, b_ptr,  # (C,) gamma and beta, read if HAS_W / HAS_B
+    mean_ptr, var_ptr,  # (C,) the forward's statistics: the batch's, or the running ones
+    sums_ptr,  # (2C,) float32 [sum g, sum g xhat] (finalize kernel), read if TRAINING
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    m, eps,  # values per channel (float); added to the variance
+    tiles_per_program, programs_per_channel,  # tiles of one program; programs per channel
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr,  # gamma, beta, z given
+    ACT: tl.constexpr,  # activation code (batchnorm.activations.KERNEL_CODES)
+    TRAINING: tl.constexpr,  # batch statistics (dx has the mean terms) or running ones
+    G_IN: tl.constexpr,  # read g from g_in instead of recomputing it from dy, x, z
+    HAS_DX: tl.constexpr, STORE_DZ: tl.constexpr,  # write dx; write dz
 ):
     """Elementwise ``dx`` (and ``dz``) over ``tiles_per_program`` tiles, from the finalized sums
     (read only in training: the eval ``dx`` has no mean terms)."""

@@ -13,15 +13,19 @@ Two memory layouts, one addressing scheme. Every kernel sees the input as one of
 Per-channel quantities are vectors of ``CB`` lanes in both cases, so the statistics code is
 written once: :func:`channel_sum` reduces a tile to those ``CB`` lanes and ``v[None, :]``
 broadcasts them back over a tile.
+
+Parameter names shared by every kernel (each entry point comments its own where declared):
+``A`` the first dimension of the view (``N`` or ``M``), ``C`` channels, ``S`` values per
+sample and channel (1 for ``ROWS``), ``TS`` tiles along ``s``, ``T`` tiles per channel
+program, ``m = A * S`` values per channel; ``*_ptr`` arguments are pointers, ``UPPER_CASE``
+ones compile-time constants (``HAS_*``: an optional tensor is present, ``ACT``: the
+activation's code from :data:`batchnorm.activations.KERNEL_CODES`).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-# Activation codes, a compile-time constant of every kernel (0 = identity).
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "silu": 5}
 
 
 @triton.jit
@@ -32,7 +36,12 @@ def channels(cb, C, CB: tl.constexpr):
 
 
 @triton.jit
-def tile(t, cb, A, C, S, TS, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+def tile(
+    t, cb,  # tile index within the channel program, channel program index
+    A, C, S, TS,  # sizes N or M, C, S; tiles along s
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    ROWS: tl.constexpr,  # True: the (M, C) layout
+):
     """Element offsets and mask of tile ``t`` of channel program ``cb`` (see module docstring).
 
     Row offsets are 64-bit so tensors beyond 2**31 elements address correctly.
@@ -86,7 +95,8 @@ def _sigmoid(v):
 
 @triton.jit
 def activate(v, ACT: tl.constexpr):
-    """``act(v)`` for the activation code ``ACT``; NaN propagates like in torch."""
+    """``act(v)`` for the activation code ``ACT`` (``batchnorm.activations.KERNEL_CODES``:
+    0 is the identity); NaN propagates like in torch."""
     if ACT == 1:  # relu
         v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:  # leaky_relu, torch's default negative slope 0.01

@@ -120,11 +120,17 @@ def apply_tiles(
 
 @triton.jit
 def bn_fwd_fused_kernel(
-    x_ptr, z_ptr, y_ptr, w_ptr, b_ptr, mean_out, var_out, rmean_ptr, rvar_ptr,
-    A, C, S, TS, T, m, eps, momentum,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr, ACT: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr,
+    x_ptr, z_ptr, y_ptr,  # input x, residual z (read if HAS_Z), output y; x's strides
+    w_ptr, b_ptr,  # (C,) gamma and beta, read if HAS_W / HAS_B
+    mean_out, var_out,  # (C,) float32, written: batch mean and biased batch variance
+    rmean_ptr, rvar_ptr,  # (C,) running mean and variance, updated if UPDATE_RUNNING
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    m, eps, momentum,  # values per channel (float); added to var; weight of this batch
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr,  # gamma, beta, z given
+    ACT: tl.constexpr,  # activation code (batchnorm.activations.KERNEL_CODES)
+    UPDATE_RUNNING: tl.constexpr,  # update the running statistics in this launch
 ):
     """Training forward in one launch; program ``cb`` owns ``CB`` channels and all ``T`` tiles:
     Welford statistics over every tile, then ``y`` over every tile."""
@@ -143,8 +149,12 @@ def bn_fwd_fused_kernel(
 
 @triton.jit
 def bn_fwd_stats_kernel(
-    x_ptr, pn_ptr, pmean_ptr, pm2_ptr, A, C, S, TS, T, tiles_per_split, splits,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
+    x_ptr,  # input x
+    pn_ptr, pmean_ptr, pm2_ptr,  # (P, C) float32, written: count, mean, M2 of each split
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    tiles_per_split, splits,  # tiles each split reduces; P, the splits per channel program
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
 ):
     """Partial (count, mean, M2) of split ``p`` of channel program ``cb`` into row ``p`` of the
     ``(P, C)`` partial buffers; program id = ``cb * splits + p``."""
@@ -162,8 +172,14 @@ def bn_fwd_stats_kernel(
 
 @triton.jit
 def bn_fwd_finalize_kernel(
-    pn_ptr, pmean_ptr, pm2_ptr, mean_out, var_out, rmean_ptr, rvar_ptr, P, C, m, eps, momentum,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    pn_ptr, pmean_ptr, pm2_ptr,  # (P, C) float32 partial count, mean, M2 (stats kernel)
+    mean_out, var_out,  # (C,) float32, written: batch mean and biased batch variance
+    rmean_ptr, rvar_ptr,  # (C,) running mean and variance, updated if UPDATE_RUNNING
+    P, C,  # partials per channel, channels
+    m, eps, momentum,  # values per channel (float); added to var; weight of this batch
+    BLOCK_P: tl.constexpr,  # partials merged per loop iteration
+    BLOCK_C: tl.constexpr,  # channels per program
+    UPDATE_RUNNING: tl.constexpr,  # update the running statistics here
 ):
     """Merge the ``P`` partials of ``BLOCK_C`` channels, ``BLOCK_P`` partials at a time.
 
@@ -192,10 +208,16 @@ def bn_fwd_finalize_kernel(
 
 @triton.jit
 def bn_fwd_apply_kernel(
-    x_ptr, z_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
-    A, C, S, TS, T, eps, tiles_per_program, programs_per_channel,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, CB: tl.constexpr, ROWS: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr, ACT: tl.constexpr,
+    x_ptr, z_ptr, y_ptr,  # input x, residual z (read if HAS_Z), output y; x's strides
+    w_ptr, b_ptr,  # (C,) gamma and beta, read if HAS_W / HAS_B
+    mean_ptr, var_ptr,  # (C,) mean and biased variance: the batch's, or the running ones
+    A, C, S, TS, T,  # sizes N or M, C, S; tiles along s; tiles per channel program
+    eps,  # added to the variance
+    tiles_per_program, programs_per_channel,  # tiles of one program; programs per channel
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,  # tile: BLOCK_A rows x BLOCK_B columns
+    CB: tl.constexpr, ROWS: tl.constexpr,  # channels per program; True: the (M, C) layout
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_Z: tl.constexpr,  # gamma, beta, z given
+    ACT: tl.constexpr,  # activation code (batchnorm.activations.KERNEL_CODES)
 ):
     """Elementwise ``y = act((x - mu) gamma invstd + beta + z)`` over ``tiles_per_program`` tiles,
     ``(mu, var)`` being the batch statistics (training) or the running ones (eval)."""
@@ -215,7 +237,11 @@ def bn_fwd_apply_kernel(
 
 @triton.jit
 def bn_update_running_kernel(
-    rmean_ptr, rvar_ptr, mean_ptr, var_ptr, C, m, momentum, BLOCK_C: tl.constexpr,
+    rmean_ptr, rvar_ptr,  # (C,) running mean and variance, updated in place
+    mean_ptr, var_ptr,  # (C,) float32 batch mean and biased variance
+    C,  # channels
+    m, momentum,  # values per channel (float); weight of this batch
+    BLOCK_C: tl.constexpr,  # channels per program
 ):
     """The running-statistics update alone (:func:`update_running`), for the custom-operator
     path where the forward may not mutate its inputs."""

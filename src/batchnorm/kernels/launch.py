@@ -30,13 +30,13 @@ from collections.abc import Iterator
 
 import torch
 
+from batchnorm.activations import KERNEL_CODES, check_activation
 from batchnorm.kernels.backward import (
     bn_bwd_apply_kernel,
     bn_bwd_finalize_kernel,
     bn_bwd_fused_kernel,
     bn_bwd_reduce_kernel,
 )
-from batchnorm.kernels.common import ACTIVATIONS
 from batchnorm.kernels.forward import (
     bn_fwd_apply_kernel,
     bn_fwd_finalize_kernel,
@@ -87,10 +87,10 @@ def configure(**changes) -> Iterator[KernelConfig]:
 class Layout:
     """``rows``: ``(A=M, C)`` with channels innermost; else ``(A=N, C, S)`` contiguous."""
 
-    rows: bool
-    A: int
-    C: int
-    S: int
+    rows: bool  # the kernels' ROWS: channels innermost
+    A: int  # the first dimension of the view: N, or M = N * prod(spatial) for rows
+    C: int  # channels
+    S: int  # prod(spatial) for (N, C, S); 1 for rows
 
     @property
     def count(self) -> int:
@@ -128,21 +128,24 @@ def output_strides(x: torch.Tensor) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    rows: bool
-    A: int
-    C: int
-    S: int
-    block_a: int
-    block_b: int
-    cb: int  # channels per channel program
-    ts: int  # tiles along s (NCS layout), 1 for rows
-    tiles: int  # tiles per channel program
-    channel_programs: int
-    splits: int  # 1: fused single-launch path
-    tiles_per_split: int
-    num_warps: int
+    """How one call is launched; each field is passed as the kernel parameter in brackets."""
+
+    rows: bool  # [ROWS] the (M, C) layout
+    A: int  # [A] the first dimension of the view, N or M
+    C: int  # [C] channels
+    S: int  # [S] prod(spatial), 1 for rows
+    block_a: int  # [BLOCK_A] tile extent along A
+    block_b: int  # [BLOCK_B] tile extent along s (N, C, S) or along the channels (rows)
+    cb: int  # [CB] channels per channel program
+    ts: int  # [TS] tiles along s (NCS layout), 1 for rows
+    tiles: int  # [T] tiles per channel program
+    channel_programs: int  # programs of a fused launch: cdiv(C, cb)
+    splits: int  # [splits, P] programs per channel program reducing; 1: fused path
+    tiles_per_split: int  # [tiles_per_split] tiles each split reduces
+    num_warps: int  # warps per program
 
     def dims(self) -> tuple[int, int, int, int, int]:
+        """The kernels' ``A, C, S, TS, T``, in their order."""
         return self.A, self.C, self.S, self.ts, self.tiles
 
     @functools.cached_property
@@ -248,11 +251,9 @@ def _match(t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _act(activation: str | None) -> int:
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        names = [a for a in ACTIVATIONS if a is not None]
-        raise ValueError(f"activation must be None or one of {names}, got {activation!r}") from None
+    """The kernels' ``ACT`` code of ``activation``."""
+    check_activation(activation, "batchnorm.kernels")
+    return KERNEL_CODES[activation]
 
 
 def _apply_grid(plan: Plan) -> tuple[tuple[int], int, int]:

@@ -31,8 +31,8 @@ import os
 import torch
 import triton
 
+from batchnorm.activations import check_activation
 from batchnorm.kernels import launch
-from batchnorm.kernels.common import ACTIVATIONS
 from batchnorm.kernels.forward import bn_fwd_fused_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,13 +44,20 @@ INTERPRETED = not isinstance(bn_fwd_fused_kernel, triton.runtime.jit.JITFunction
 # --- shared autograd pieces ------------------------------------------------------------------
 
 def _save(ctx, x, weight, bias, residual, mean, var, eps, activation):
+    """Keep what the backward kernels read: ``mean``/``var`` are the float32 batch statistics
+    (training) or the running ones (eval), the statistics the forward normalized with."""
     ctx.eps, ctx.activation = eps, activation
     # z only shapes the backward through an activation; do not keep it alive otherwise
     ctx.save_for_backward(x, weight, bias, residual if activation else None, mean, var)
 
 
 def _grads(ctx, dy, training, needs, backward_fn):
-    """``(dx, dweight, dbias, dresidual)`` with None for what ``needs`` does not ask for."""
+    """``(dx, dweight, dbias, dresidual)`` with None for what ``needs`` does not ask for.
+
+    ``needs``: whether ``(x, weight, bias, residual)`` each want a gradient; ``backward_fn``:
+    :func:`launch.backward` (eager) or the ``triton_bn_backward`` operator (traced), which take
+    the same arguments.
+    """
     x, weight, bias, residual, mean, var = ctx.saved_tensors
     need_x, need_w, need_b, need_z = needs
     dx, dw, db, dz = backward_fn(dy, x, weight, bias, residual, mean, var, training, ctx.eps,
@@ -262,9 +269,10 @@ def supports(input, weight, training, activation, residual) -> str | None:
         return f"input dtype must be float32, float16 or bfloat16, got {input.dtype}"
     if residual is not None and residual.dtype not in SUPPORTED_DTYPES:
         return f"residual dtype must be float32, float16 or bfloat16, got {residual.dtype}"
-    if activation not in ACTIVATIONS:
-        names = [a for a in ACTIVATIONS if a is not None]
-        return f"activation must be None or one of {names}, got {activation!r}"
+    try:
+        check_activation(activation, "backend='triton'")
+    except ValueError as error:
+        return str(error)
     if input.dim() < 2 or input.numel() == 0:
         return f"input must be non-empty with at least 2 dimensions, got shape {tuple(input.shape)}"
     return None

@@ -4,13 +4,18 @@ A backend is a callable with the signature of :func:`batchnorm.functional.batch_
 (without ``backend``) that receives already-validated arguments, plus a ``supports``
 predicate that says why it cannot take a given call (``None`` when it can).
 
-Backends shipped with the package:
+Backends shipped with the package, each a module exposing ``batch_norm`` and ``supports``
+that this seam imports on first use and registers (:data:`_LAZY`); the implementations do not
+import the seam, so importing :mod:`batchnorm.functional` loads neither of them:
 
 ``"torch"``
-    Our closed-form autograd Function written in PyTorch tensor ops. Runs on every
-    device and dtype, supports every activation and residual; the fallback for everything.
+    :mod:`batchnorm.backends.torch_backend`: our closed-form autograd Function written in
+    PyTorch tensor ops (and fused C++ kernels on the CPU). Runs on every device and dtype,
+    supports every activation and residual; the fallback for everything.
 ``"triton"``
-    Our Triton GPU kernels (``batchnorm.kernels``), registered when Triton imports.
+    :mod:`batchnorm.kernels`: our Triton GPU kernels, available when Triton imports.
+
+Other backends can be added at run time with :func:`register_backend`.
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when it is available and supports the
 call, and ``"torch"`` otherwise. Naming a backend explicitly never falls back silently: an
@@ -35,8 +40,8 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Backends that register themselves on import; imported lazily on first use.
-_LAZY = {"torch": "batchnorm.autograd", "triton": "batchnorm.kernels"}
+#: name -> the module implementing it (``batch_norm`` and ``supports``), imported on first use.
+_LAZY = {"torch": "batchnorm.backends.torch_backend", "triton": "batchnorm.kernels"}
 _IMPORT_ERRORS: dict[str, str] = {}
 
 
@@ -54,9 +59,11 @@ def available_backends() -> list[str]:
 def _load(name: str) -> Backend | None:
     if name not in _REGISTRY and name in _LAZY and name not in _IMPORT_ERRORS:
         try:
-            importlib.import_module(_LAZY[name])
+            module = importlib.import_module(_LAZY[name])
         except ImportError as error:  # e.g. Triton not installed
             _IMPORT_ERRORS[name] = f"{type(error).__name__}: {error}"
+        else:
+            register_backend(Backend(name, module.batch_norm, module.supports))
     return _REGISTRY.get(name)
 
 
