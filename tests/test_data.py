@@ -419,10 +419,10 @@ def test_index_batches_are_a_function_of_the_step():
     assert len(set(epoch0)) == 48
     assert first[:6] != first[6:12]
     assert [b for b, _ in zip(IndexBatches(50, 8, seed=4), range(6), strict=False)] != first[:6]
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size 8 is larger than the training set"):
         next(iter(IndexBatches(5, 8, seed=0)))
 
 
 def test_unknown_dataset_is_a_clear_error():
-    with pytest.raises(ValueError, match="dataset must be one of"):
+    with pytest.raises(ValueError, match="--dataset must be one of"):
         load_data("imagenet")

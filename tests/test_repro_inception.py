@@ -208,3 +208,26 @@ def test_moved_names_still_import_with_a_warning():
     with pytest.raises(AttributeError, match="no_such_name"):
         exp.no_such_name  # noqa: B018
 
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "imagenet"], "--dataset must be one of"),
+    (["--batch-size", "1000"], "--batch-size 1000 is larger than the training set (512"),
+    (["--width", "0"], "--width must be positive, got 0.0"),
+    (["--dataset", "imagefolder:/nonexistent"], "is not a folder"),
+])
+def test_bad_arguments_are_one_line_not_a_traceback(tmp_path, capsys, extra, message):
+    argv = ["reproduce", "inception", *TINY, "--steps", "2", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_resume_with_other_settings_says_what_to_do(tmp_path, capsys):
+    argv = ["reproduce", "inception", "--variant", "bn-x5", *TINY, "--steps", "4",
+            "--eval-every", "2", "--stop-at", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert main([*argv[:-4], "--base-lr", "0.5", "--resume", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: checkpoint" in err and "different configuration" in err
+    assert "use another --out (or --ckpt-dir)" in err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.repro.common import is_main_process, shard
+from batchnorm.repro.common import ArgumentError, is_main_process, shard
 
 
 @dataclass
@@ -72,13 +72,13 @@ def load_data(name: str, data_dir: str | None = None, *, train_subset: int = 0,
         test = ImageFolder(root / "val", image_size=image_size, train=False,
                            classes=train.classes)
         if train_subset or test_subset or flatten:
-            raise ValueError("load_data: train_subset, test_subset and flatten need an in-memory "
-                             f"data set; {name!r} streams its images")
+            raise ArgumentError("--train-subset, --test-subset and flat (MLP) inputs need an "
+                                f"in-memory data set; {name!r} streams its images")
         return Data(name, train, test, len(train.classes), 3, image_size)
     elif name == "synthetic":
         data = _synthetic(seed)
     else:
-        raise ValueError(f"load_data: dataset must be one of {list(DATASETS)}, got {name!r}")
+        raise ArgumentError(f"--dataset must be one of {list(DATASETS)}, got {name!r}")
     x_train, y_train = _subset(data.train, train_subset, seed)
     x_test, y_test = _subset(data.test, test_subset, seed + 1)
     x_train, mean, std = _standardize(x_train)
@@ -98,7 +98,7 @@ def load_for(args, **kwargs) -> Data | None:
         return load_data(args.dataset, args.data_dir, train_subset=args.train_subset,
                          test_subset=args.test_subset, seed=args.seed, download=args.download,
                          **kwargs)
-    except MissingDataError as error:
+    except (MissingDataError, FileNotFoundError) as error:  # FileNotFoundError: image folders
         if is_main_process():
             print(f"batchnorm: {error}", file=sys.stderr)
         return None
@@ -154,7 +154,8 @@ class IndexBatches:
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
         if batch_size > n:
-            raise ValueError(f"batch_size ({batch_size}) is larger than the training set ({n})")
+            raise ArgumentError(f"--batch-size {batch_size} is larger than the training set "
+                                f"({n} examples)")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
 
     def __iter__(self):

@@ -24,6 +24,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from batchnorm.repro.common import flush_denormals, is_main_process, log, shard, world_size
+from batchnorm.repro.common import (
+    ArgumentError,
+    flush_denormals,
+    is_main_process,
+    log,
+    shard,
+    world_size,
+)
 from batchnorm.repro.image_data import IndexBatches, image_batches, num_examples
 
 
@@ -52,7 +60,7 @@ class TrainSpec:
     decay_every: int = 0
     decay_factor: float = 0.96
     eval_every: int = 100
-    eval_steps: tuple[int, ...] = ()  # evaluated too (besides every eval_every and the last)
+    eval_steps: Collection[int] = ()  # evaluated too (besides every eval_every and the last)
     check_every: int = 10  # divergence check (and the loss shown) every this many steps
     eval_batch_size: int = 500
     seed: int = 0
@@ -79,6 +87,7 @@ class TrainSpec:
                 raise ValueError(f"TrainSpec: {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"TrainSpec: lr must be > 0, got {self.lr!r}")
+        self.eval_steps = frozenset(self.eval_steps)  # looked up every step
 
     def lr_at(self, step: int) -> float:
         if not self.decay_every:
@@ -293,7 +302,7 @@ class Trainer:
             return
         payload = torch.load(path, map_location=self.device, weights_only=False)
         if payload["fingerprint"] != self.spec.fingerprint():
-            raise ValueError(
+            raise ArgumentError(
                 f"--resume: checkpoint {path} was written by a different configuration:\n"
                 f"  checkpoint: {payload['fingerprint']}\n  this run:   "
                 f"{self.spec.fingerprint()}\n"
