@@ -244,3 +244,19 @@ def test_small_convnet(bn, rng):
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     weight = convs[1].weight
     assert math.isclose(float(weight.detach().std()), math.sqrt(2 / (4 * 9)), rel_tol=0.25)
+
+
+def test_building_blocks_live_in_blocks():
+    """Both convolutional models are made of the same units; the models' list of
+    nonlinearities has its own name (the BN layers' fusable activations are another list)."""
+    from batchnorm import activations
+    from batchnorm.models import blocks
+    from batchnorm.models import inception as inception_module
+
+    assert inception_module.ConvUnit is blocks.ConvUnit
+    assert inception_module.init_weights is blocks.init_weights
+    assert set(blocks.NONLINEARITIES) < set(activations.ACTIVATIONS)
+    assert {type(m) for m in SmallConvNet(channels=2).modules()} >= {blocks.ConvUnit}
+    with pytest.warns(DeprecationWarning, match="NONLINEARITIES"):
+        assert inception_module.ACTIVATIONS == blocks.NONLINEARITIES
+

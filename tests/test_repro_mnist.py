@@ -9,39 +9,26 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_data import FASHION_DIR, IDX_NAMES, MNIST_DIR, require_files
 
 import batchnorm
 from batchnorm.cli import main
 from batchnorm.models.mlp import sigmoid_mlp
 from batchnorm.repro.common import steps_to_reach
-from batchnorm.repro.mnist import (
-    Data,
-    batch_statistics_accuracy,
-    drift_statistics,
-    eval_schedule,
-    holdout,
-)
-
-REPO = Path(__file__).resolve().parents[1]
-FASHION_DIR = Path(os.environ.get("BATCHNORM_TEST_FASHION_DIR",
-                                  "/usr/share/datasets/fashion-mnist"))
-MNIST_DIR = Path(os.environ.get("BATCHNORM_TEST_MNIST_DIR", REPO.parent / "shared/data/mnist"))
-IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+from batchnorm.repro.evaluation import batch_statistics_accuracy
+from batchnorm.repro.mnist import Data, Figure1Trainer, eval_schedule, holdout
+from batchnorm.repro.mnist_report import drift_statistics
+from batchnorm.repro.trainer import TrainSpec
 
 
-def fashion_dir() -> Path:
-    absent = [n for n in IDX_NAMES if not (FASHION_DIR / n).is_file()]
-    if absent:
-        pytest.skip(f"Fashion-MNIST not found in {FASHION_DIR} (missing {absent}): apt-get "
-                    "install dataset-fashion-mnist, or set BATCHNORM_TEST_FASHION_DIR")
-    return FASHION_DIR
+def fashion_dir():
+    return require_files(FASHION_DIR, "Fashion-MNIST", "BATCHNORM_TEST_FASHION_DIR (or apt-get "
+                         "install dataset-fashion-mnist)", IDX_NAMES)
 
 
 # ------------------------------------------------------------------------------- the network
@@ -128,6 +115,25 @@ def test_holdout_is_a_disjoint_split():
     assert torch.equal(split.x_test.squeeze(1).long(), split.y_test)
     with pytest.raises(ValueError, match="sweep-validation"):
         holdout(data, 100, seed=1)
+
+
+def test_batches_resume_mid_run():
+    """The protocol's batch order (one permutation per epoch from one generator) started at any
+    step is the tail of the order started at 0: what a resumed run needs."""
+    x = torch.arange(50, dtype=torch.float32).unsqueeze(1)
+    data = Data("toy", x, torch.arange(50), x[:5], torch.arange(5))
+    spec = TrainSpec(steps=20, batch_size=8, lr=0.1, momentum=0.0, progress=False)
+
+    def labels(start, count):
+        trainer = Figure1Trainer(torch.nn.Linear(1, 2), spec, data, "cpu",
+                                 torch.Generator().manual_seed(3), None)
+        stream = trainer.batches(start)
+        return [next(stream)[1].tolist() for _ in range(count)]
+
+    first = labels(0, 20)
+    assert labels(6, 14) == first[6:] and labels(13, 7) == first[13:]
+    epoch = sum(first[:6], [])  # 6 batches of 8 out of 50 per epoch, each example once
+    assert len(set(epoch)) == 48 and first[:6] != first[6:12]
 
 
 # ------------------------------------------------------------------------------ the command

@@ -9,9 +9,10 @@ from torch import nn
 
 import batchnorm
 from batchnorm.cli import main
+from batchnorm.repro.common import parse_numbers
 from batchnorm.repro.depth import network
-from batchnorm.repro.inception import at_chance
-from batchnorm.repro.lr_sweep import outcome, parse_floats
+from batchnorm.repro.report import at_chance, format_steps
+from batchnorm.repro.sweep import outcome
 
 COMMON = ["--dataset", "synthetic", "--train-subset", "0", "--test-subset", "0",
           "--batch-size", "16", "--no-progress"]
@@ -78,12 +79,30 @@ def test_depth_network(bn):
 
 
 def test_helpers():
-    assert parse_floats("1, 5,10,30", "--multipliers") == [1, 5, 10, 30]
+    assert parse_numbers("1, 5,10,30", "--multipliers") == [1, 5, 10, 30]
+    assert parse_numbers("3,5", "--depths", kind=int) == [3, 5]
     for bad in ("", "1,x", "1,-2"):
         with pytest.raises(ValueError, match="--multipliers"):
-            parse_floats(bad, "--multipliers")
+            parse_numbers(bad, "--multipliers")
+    with pytest.raises(ValueError, match="--depths must be comma-separated positive whole"):
+        parse_numbers("3,2.5", "--depths", kind=int)
+    assert [format_steps(s) for s in (None, 250, 4500, 2.7e6)] == ["never", "250", "4,500",
+                                                                      "2.7e+06"]
     assert at_chance(0.1, 10, 10_000) and not at_chance(0.2, 10, 10_000)
     assert at_chance(0.25, 4, 100) and not at_chance(0.5, 4, 100)
     assert outcome(dict(diverged=dict(step=7), at_chance=True)) == "diverged at step 7"
     assert outcome(dict(diverged=None, at_chance=True)) == "ended at chance"
     assert outcome(dict(diverged=None, at_chance=False)) == "trained"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lr-sweep", "--multipliers", "1,x"], "--multipliers must be comma-separated positive"),
+    (["depth", "--depths", "3,0"], "--depths must be comma-separated positive whole numbers"),
+    (["depth", "--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_bad_arguments_are_one_line_not_a_traceback(tmp_path, capsys, argv, message):
+    assert main(["reproduce", *argv, "--out", str(tmp_path / "out"), "--no-download"]) == 2
+    err = capsys.readouterr().err
+    assert f"batchnorm reproduce {argv[0]}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+

@@ -2,7 +2,9 @@
 
 Each experiment lives in one module under :mod:`batchnorm.repro` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them,
-importing an experiment when it is asked for.
+importing an experiment when it is asked for. A bad argument that a command finds (an
+:class:`~batchnorm.repro.common.ArgumentError`) is printed as one line, and the exit status
+is 2, as for the arguments argparse itself rejects.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _add(subparsers, name, module_name, help_text):
         parser.set_defaults(_unavailable=f"'{name}' is not available in this version")
         return
     module.add_arguments(parser)
-    parser.set_defaults(_run=module.run)
+    parser.set_defaults(_run=module.run, _prog=parser.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"batchnorm: {args._unavailable}", file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    from batchnorm.repro.common import ArgumentError
+
+    try:
+        return int(args._run(args) or 0)
+    except ArgumentError as error:
+        print(f"{args._prog}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,15 +5,21 @@ by 2x2 max pooling, then global average pooling and one linear layer::
 
     conv 3x3 (c) -> pool 2 -> conv 3x3 (2c) -> pool 2 -> conv 3x3 (4c) -> avg pool -> linear
 
-It uses the same convolution unit and initialization as :class:`~batchnorm.models.inception.
-InceptionBN`, so "with BN" and "without BN" mean exactly what they mean there.
+It is built from the same blocks as :class:`~batchnorm.models.inception.InceptionBN`
+(:mod:`batchnorm.models.blocks`), so "with BN" and "without BN" mean exactly what they mean there.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from batchnorm.models.inception import ACTIVATIONS, ConvUnit, init_weights
+from batchnorm.models.blocks import (
+    NONLINEARITIES,
+    ConvUnit,
+    check_choice,
+    check_positive_int,
+    init_weights,
+)
 
 
 class SmallConvNet(nn.Module):
@@ -23,11 +29,8 @@ class SmallConvNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, *, bn: bool = True,
                  activation: str = "relu", channels: int = 16):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"SmallConvNet: activation must be one of {list(ACTIVATIONS)}, "
-                             f"got {activation!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"SmallConvNet: channels must be a positive int, got {channels!r}")
+        check_choice("SmallConvNet", "activation", activation, NONLINEARITIES)
+        check_positive_int("SmallConvNet", "channels", channels)
         unit = dict(bn=bn, activation=activation)
         c = channels
         self.features = nn.Sequential(

@@ -52,9 +52,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchnorm.modules import BatchNorm2d
+from batchnorm.models.blocks import (
+    NONLINEARITIES,
+    ConvUnit,
+    check_choice,
+    check_positive_int,
+    init_weights,
+)
 
-ACTIVATIONS = ("relu", "sigmoid")
 STEMS = ("imagenet", "small")
 DEPTH_MULTIPLIER = 8
 
@@ -91,34 +96,6 @@ MODULES: tuple[ModuleSpec, ...] = (
 )
 STEM_WIDTHS = (64, 64, 192)  # conv1, conv2 reduce (1x1), conv2 (3x3)
 PAPER_PARAMETERS = 13.6e6
-
-
-class ConvUnit(nn.Sequential):
-    """``g(BN(W u))`` or ``g(W u + b)``; ``depth_multiplier`` makes ``W`` depthwise-separable.
-
-    A ``Sequential`` of [conv (, pointwise conv), BN with fused activation | activation] so that
-    tools that look for a convolution directly followed by BN (``batchnorm.fold``) find it.
-    """
-
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
-        bn: bool, activation: str, depth_multiplier: int | None = None,
-    ):
-        padding = kernel_size // 2
-        layers: list[nn.Module] = []
-        if depth_multiplier is None:
-            layers.append(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                                    bias=not bn))
-        else:
-            mid = in_channels * depth_multiplier
-            layers.append(nn.Conv2d(in_channels, mid, kernel_size, stride, padding,
-                                    groups=in_channels, bias=False))
-            layers.append(nn.Conv2d(mid, out_channels, 1, bias=not bn))
-        if bn:
-            layers.append(BatchNorm2d(out_channels, activation=activation))
-        else:
-            layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.Sigmoid())
-        super().__init__(*layers)
 
 
 class InceptionModule(nn.Module):
@@ -182,11 +159,10 @@ class InceptionBN(nn.Module):
         stem: str = "imagenet", width: float = 1.0,
     ):
         super().__init__()
-        _check_choice("activation", activation, ACTIVATIONS)
-        _check_choice("stem", stem, STEMS)
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"InceptionBN: {name} must be a positive int, got {value!r}")
+        check_choice("InceptionBN", "activation", activation, NONLINEARITIES)
+        check_choice("InceptionBN", "stem", stem, STEMS)
+        check_positive_int("InceptionBN", "num_classes", num_classes)
+        check_positive_int("InceptionBN", "in_channels", in_channels)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"InceptionBN: dropout must be in [0, 1), got {dropout!r}")
         if not width > 0:
@@ -261,27 +237,6 @@ def module_output_shapes(model: InceptionBN, image_size: int | tuple[int, int]
     return shapes
 
 
-def init_weights(model: nn.Module, activation: str) -> None:
-    """He-normal (fan-in) convolutions with the gain of the nonlinearity that follows; zero
-    biases; BN at gamma = 1, beta = 0; linear layers at torch's default.
-
-    The paper does not state its initialization. Variance-preserving fan-in scaling is the
-    fair choice for the networks without BN (with BN the scale of ``W`` does not matter:
-    BN(aWu) = BN(Wu)). A depthwise convolution (the first half of a separable one) feeds the
-    pointwise convolution, not a nonlinearity, so it gets gain 1.
-    """
-    gain = "relu" if activation == "relu" else "sigmoid"
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            linear = module.groups > 1
-            nn.init.kaiming_normal_(module.weight, mode="fan_in",
-                                    nonlinearity="linear" if linear else gain)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.Linear)):
-            module.reset_parameters()
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -294,6 +249,14 @@ def _lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=1.0)
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"InceptionBN: {name} must be one of {list(choices)}, got {value!r}")
+def __getattr__(name: str):
+    """Deprecated names: ``ACTIVATIONS`` was this module's list of model nonlinearities."""
+    if name == "ACTIVATIONS":
+        import warnings
+
+        warnings.warn("batchnorm.models.inception.ACTIVATIONS is deprecated: use "
+                      "batchnorm.models.blocks.NONLINEARITIES (the activations a BN layer can "
+                      "fuse are batchnorm.activations.ACTIVATIONS)", DeprecationWarning,
+                      stacklevel=2)
+        return NONLINEARITIES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,32 @@
-"""Small utilities shared by the experiments: seeding, devices, rank-0 output, result files."""
+"""Small utilities shared by the experiments: seeding, devices, the process group, rank-0
+output, result files, command-line arguments and their errors, deprecated names."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import importlib
 import json
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# rank, world size and "am I the main process" have one home; these names stay importable from
+# here (the experiments and older code use them)
+from batchnorm.process_group import is_main_process, rank, world_size
+
+__all__ = [
+    "ArgumentError", "add_data_arguments", "check_arguments", "flush_denormals",
+    "init_distributed", "is_main_process", "log", "moved_names", "parse_numbers", "pick_device",
+    "prepare_out_dir", "rank", "seed_everything", "setup_run", "shard", "steps_to_reach",
+    "world_size", "write_csv", "write_json",
+]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -29,19 +43,29 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def setup_run(args: argparse.Namespace) -> torch.device:
+    """What a run does first: join the process group under ``torchrun``
+    (:func:`init_distributed`), set torch's CPU threads to ``--threads`` (0: its default) and
+    return ``--device`` (under ``torchrun``, this process's GPU: LOCAL_RANK)."""
+    init_distributed()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda" and world_size() > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
-def is_main_process() -> bool:
-    """Only rank 0 writes files and shows progress in a distributed run."""
-    return rank() == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+def log(message: str, bar=None) -> None:
+    """Print ``message`` with the time, on the main process only; above the progress ``bar``
+    when one is shown."""
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    if bar is not None and not bar.disable:
+        bar.write(line)
+    elif is_main_process():
+        print(line, flush=True)
 
 
 def prepare_out_dir(path: str | os.PathLike) -> Path:
@@ -82,11 +106,6 @@ def init_distributed() -> bool:
     return True
 
 
-def world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def shard(batch: torch.Tensor) -> torch.Tensor:
     """This process's share of a global mini-batch (strided, so uneven sizes differ by <= 1)."""
     return batch[rank() :: world_size()]
@@ -98,16 +117,6 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
         if point["test_accuracy"] is not None and point["test_accuracy"] >= target:
             return point["step"]
     return None
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir`` and ``--no-download``, as every experiment has them."""
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the data set's files, or the data root (default: "
-                             "$BATCHNORM_DATA, else ~/.cache/batchnorm, then where a system "
-                             "package installs the data set, e.g. Debian's Fashion-MNIST)")
-    parser.add_argument("--no-download", dest="download", action="store_false",
-                        help="never download; fail if the files are not on disk")
 
 
 @contextlib.contextmanager
@@ -123,3 +132,69 @@ def flush_denormals():
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line arguments
+
+
+class ArgumentError(ValueError):
+    """A bad command-line argument: the message names the option and what it must be. The
+    command line prints it (no traceback) and exits with status 2."""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--no-download``, as every experiment has them."""
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the data set's files, or the data root (default: "
+                             "$BATCHNORM_DATA, else ~/.cache/batchnorm, then where a system "
+                             "package installs the data set, e.g. Debian's Fashion-MNIST)")
+    parser.add_argument("--no-download", dest="download", action="store_false",
+                        help="never download; fail if the files are not on disk")
+
+
+def parse_numbers(text: str, option: str, kind=float) -> list:
+    """``"1, 5,10"`` -> ``[1.0, 5.0, 10.0]`` (``kind`` int: whole numbers); every value must be
+    positive, else :class:`ArgumentError` naming ``option``."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 for v in values):
+        noun = "whole numbers" if kind is int else "numbers"
+        raise ArgumentError(f"{option} must be comma-separated positive {noun}, got {text!r}")
+    return values
+
+
+def check_arguments(args: argparse.Namespace, *, at_least: dict[str, float] | None = None,
+                    positive: tuple[str, ...] = ()) -> None:
+    """:class:`ArgumentError` naming the option unless ``args.<name> >= low`` for every
+    ``name: low`` of ``at_least`` and ``args.<name> > 0`` for every name of ``positive`` (a
+    ``None`` value means "not given" and passes)."""
+    for name, low in (at_least or {}).items():
+        value = getattr(args, name)
+        if value is not None and not value >= low:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# deprecated names
+
+
+def moved_names(module: str, moved: dict[str, str]):
+    """A module ``__getattr__`` that still answers names which moved (``{old name: "package.
+    module.new_name"}``), with a ``DeprecationWarning`` that says where they live now."""
+
+    def __getattr__(name: str):
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        target, _, new_name = moved[name].rpartition(".")
+        warnings.warn(f"{module}.{name} is deprecated: use {moved[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(target), new_name)
+
+    return __getattr__

@@ -14,24 +14,14 @@ Writes ``figure.png`` (a: final test accuracy vs. depth; b: test accuracy vs. st
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from torch import nn
 
 from batchnorm.models.mlp import sigmoid_mlp
-from batchnorm.repro.common import log, prepare_out_dir, seed_everything
-from batchnorm.repro.lr_sweep import (
-    add_sweep_arguments,
-    load_sweep_data,
-    outcome,
-    paired,
-    parse_floats,
-    steps_text,
-    sweep_config,
-    train_run,
-    write_sweep,
-)
+from batchnorm.repro import sweep
+from batchnorm.repro.common import parse_numbers
+from batchnorm.repro.report import figure, finish, format_steps, plot_runs, plot_versus
 
 DEFAULTS = dict(steps=3000, batch_size=60, lr=0.05, momentum=0.9, depths="3,5,10,20", width=100,
                 target=0.80, train_subset=0, test_subset=0, eval_every=100)
@@ -48,7 +38,7 @@ def network(in_features: int, num_classes: int, depth: int, *, width: int, bn: b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_sweep_arguments(parser, DEFAULTS | {"out": "results/depth"})
+    sweep.add_arguments(parser, DEFAULTS | {"out": "results/depth"})
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"],
                         help="learning rate (the same for every network)")
     parser.add_argument("--depths", default=DEFAULTS["depths"],
@@ -58,65 +48,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    depths = [int(d) for d in parse_floats(args.depths, "--depths")]
-    started = time.perf_counter()
-    data = load_sweep_data(args, flatten=True)
-    if data is None:
-        return 2
-    out = prepare_out_dir(args.out)
-    in_features = data.train[0].shape[1]
-    runs = []
-    total = 2 * len(depths)
-    for depth in depths:
-        for bn in (False, True):
-            label = f"{'BN' if bn else 'no BN'} depth {depth} ({len(runs) + 1}/{total})"
-            seed_everything(args.seed)
-            model = network(in_features, data.num_classes, depth, width=args.width, bn=bn)
-            result = train_run(model, data, args, lr=args.lr, label=label)
-            runs.append(dict(bn=bn, depth=depth, **result))
-            log(f"depth: {label}: {outcome(result)}, final {result['final_accuracy']:.4f}, "
-                f"best {result['best_accuracy']:.4f}")
-    config = sweep_config(args, data, started, lr=args.lr, depths=depths, width=args.width)
-    write_sweep(out, "depth", "depth", config, runs, lambda path: _figure(path, runs, data),
-                _summary(runs, config, data))
-    return 0
+    depths = parse_numbers(args.depths, "--depths", kind=int)
+    return sweep.run(
+        args, "depth", "depth", depths, flatten=True,
+        model=lambda data, depth, bn: network(data.train[0].shape[1], data.num_classes, depth,
+                                              width=args.width, bn=bn),
+        lr=lambda depth: args.lr, name=lambda depth: f"depth {depth}",
+        settings=dict(lr=args.lr, depths=depths, width=args.width), figure=_figure,
+        summary=_summary)
 
 
 def _figure(path: Path, runs: list[dict], data) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.3))
-    depths = sorted({r["depth"] for r in runs})
-    for bn, style in ((False, "o--"), (True, "s-")):
-        sub = sorted((r for r in runs if r["bn"] == bn), key=lambda r: r["depth"])
-        ax.plot([r["depth"] for r in sub], [r["final_accuracy"] for r in sub], style,
-                label="BN" if bn else "no BN")
-    ax.axhline(1.0 / data.num_classes, color="black", lw=0.6, ls=":", label="chance")
-    ax.set_xticks(depths)
-    ax.set_xlabel("hidden sigmoid layers")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("(a) final accuracy vs. depth")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    colors = plt.cm.plasma([i / max(1, len(depths) - 1) * 0.85 for i in range(len(depths))])
-    for r in runs:
-        color = colors[depths.index(r["depth"])]
-        bx.plot([p["step"] for p in r["history"]], [p["test_accuracy"] for p in r["history"]],
-                "-" if r["bn"] else "--", color=color, lw=1.3,
-                label=f"{'BN' if r['bn'] else 'no BN'}, {r['depth']} layers")
-    bx.set_xlabel("training step")
-    bx.set_ylabel("test accuracy")
-    bx.set_title("(b) test accuracy during training (dashed: no BN)")
-    bx.legend(fontsize=7, ncol=2, loc="lower right")
-    bx.grid(alpha=0.3)
-    fig.suptitle(f"Deep sigmoid networks with and without BN, {data.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"Deep sigmoid networks with and without BN, {data.name}"
+    with figure(path, 1, 2, figsize=(11, 4.3), title=title) as (_, (ax, bx)):
+        plot_versus(ax, runs, "depth", "final_accuracy", 1.0 / data.num_classes)
+        ax.set_xticks(sorted({r["depth"] for r in runs}))
+        ax.set_ylim(0, 1)
+        finish(ax, "hidden sigmoid layers", "final test accuracy",
+               "(a) final accuracy vs. depth", legend=dict(fontsize=8))
+        plot_runs(bx, runs, "depth", "plasma",
+                  lambda r: f"{'BN' if r['bn'] else 'no BN'}, {r['depth']} layers")
+        finish(bx, "training step", "test accuracy",
+               "(b) test accuracy during training (dashed: no BN)",
+               legend=dict(fontsize=7, ncol=2, loc="lower right"))
 
 
 def _summary(runs: list[dict], config: dict, data) -> str:
@@ -137,24 +91,22 @@ def _summary(runs: list[dict], config: dict, data) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for depth in config["depths"]:
-        pair = paired(runs, "depth", depth)
+        pair = sweep.paired(runs, "depth", depth)
         cells = []
         for bn in (False, True):
             r = pair[bn]
-            cells += [f"{r['final_accuracy']:.4f}", f"{r['best_accuracy']:.4f}", outcome(r),
-                      steps_text(r["steps_to_target"])]
+            cells += [f"{r['final_accuracy']:.4f}", f"{r['best_accuracy']:.4f}", sweep.outcome(r),
+                      format_steps(r["steps_to_target"])]
         lines.append(f"| {depth} | " + " | ".join(cells) + " |")
     deepest = max(config["depths"])
-    pair = paired(runs, "depth", deepest)
+    pair = sweep.paired(runs, "depth", deepest)
     lines += ["", "## Findings", "",
               f"- At {deepest} hidden layers: without BN final accuracy "
-              f"{pair[False]['final_accuracy']:.4f} ({outcome(pair[False])}), with BN "
-              f"{pair[True]['final_accuracy']:.4f} ({outcome(pair[True])}).",
+              f"{pair[False]['final_accuracy']:.4f} ({sweep.outcome(pair[False])}), with BN "
+              f"{pair[True]['final_accuracy']:.4f} ({sweep.outcome(pair[True])}).",
               "- Accuracy change from the shallowest to the deepest network: without BN "
               f"{_change(runs, False, config['depths']):+.4f}, with BN "
-              f"{_change(runs, True, config['depths']):+.4f}.", "",
-              f"Files: `figure.png`, `results.json`, `metrics.csv`. Command: "
-              f"`{config['command']}` ({config['seconds']:.0f} s).", ""]
+              f"{_change(runs, True, config['depths']):+.4f}.", "", sweep.files_line(config), ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,173 @@
+"""The report of ``batchnorm reproduce inception``: the Figure 2 analogue (test accuracy against
+step, every variant), the Figure 3 analogue table (steps to plain Inception's maximum, against
+the paper's) and ``summary.md``, all read back from the variants' ``history.json`` files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from batchnorm.repro.common import log, steps_to_reach, world_size, write_csv, write_json
+from batchnorm.repro.image_data import Data
+from batchnorm.repro.report import at_chance, command_line, figure, finish, format_steps
+
+PAPER_RANKING = ("bn-x30 > bn-x5 > bn-baseline > inception > bn-x5-sigmoid (inception-x5 "
+                 "diverged, inception-sigmoid at chance)")
+
+
+def analyse(records: dict[str, dict], num_classes: int, test_size: int) -> dict:
+    """Per variant: max accuracy (and its step), steps to reach plain Inception's max, speed-up
+    over Inception, divergence, and whether it stayed at chance level."""
+    chance = 1.0 / num_classes
+    target = None
+    if "inception" in records and records["inception"]["history"]:
+        target = max(p["test_accuracy"] for p in records["inception"]["history"])
+    base_steps = None
+    rows = {}
+    for name, record in records.items():
+        history = record["history"]
+        best = max(history, key=lambda p: p["test_accuracy"])
+        reach = steps_to_reach(history, target) if target is not None else None
+        if name == "inception":
+            base_steps = reach
+        rows[name] = dict(
+            max_accuracy=best["test_accuracy"], max_accuracy_step=best["step"],
+            final_accuracy=history[-1]["test_accuracy"], steps_to_inception_max=reach,
+            diverged=record["diverged"], steps_done=record["steps_done"],
+            # the paper's "stayed at chance": no evaluation after the start was better
+            at_chance=all(at_chance(p["test_accuracy"], num_classes, test_size)
+                          for p in history[1:]),
+            final_at_chance=at_chance(history[-1]["test_accuracy"], num_classes, test_size),
+            lr=record["spec"]["lr"],
+        )
+    for row in rows.values():
+        reach = row["steps_to_inception_max"]
+        row["speedup_vs_inception"] = (base_steps / reach if base_steps and reach else None)
+    return dict(inception_max_accuracy=target, chance=chance, variants=rows)
+
+
+def write_report(out: Path, args, data: Data, device, *, names: list[str], args_record: dict,
+                 decay_every: int) -> None:
+    """``results.json``, ``metrics.csv``, ``figure2.png`` and ``summary.md`` from the records
+    ``out/<name>/history.json`` of the variants ``names`` that have one. ``args_record``: the
+    arguments to record; ``decay_every``: the x1 schedule's steps between decays."""
+    records = {}
+    for name in names:
+        path = out / name / "history.json"
+        if path.exists():
+            records[name] = json.loads(path.read_text())
+    if not records:
+        return
+    n_train, n_test = data.sizes()
+    analysis = analyse(records, data.num_classes, n_test)
+    write_json(out / "results.json", dict(
+        experiment="inception", dataset=data.name, train_examples=n_train, test_examples=n_test,
+        device=str(device), threads=torch.get_num_threads(), world_size=world_size(),
+        args=args_record, command=command_line(),
+        analysis=analysis,
+        variants={k: dict(spec=v["spec"], diverged=v["diverged"], steps_done=v["steps_done"],
+                          seconds=v["seconds"], history=v["history"]) for k, v in records.items()},
+    ))
+    write_csv(out / "metrics.csv", [dict(variant=k, **p) for k, v in records.items()
+                                    for p in v["history"]])
+    _figure2(out / "figure2.png", records, analysis, data)
+    (out / "summary.md").write_text(_summary(records, analysis, args, data, device,
+                                             decay_every))
+    log(f"inception: wrote {out / 'summary.md'}, figure2.png, results.json, metrics.csv")
+
+
+def _figure2(path: Path, records, analysis, data: Data) -> None:
+    with figure(path, figsize=(7.5, 4.8)) as (_, ax):
+        for record in records.values():
+            steps = [p["step"] for p in record["history"]]
+            acc = [p["test_accuracy"] for p in record["history"]]
+            style = "-" if record["variant"]["bn"] else "--"
+            (line,) = ax.plot(steps, acc, style, label=record["variant"]["name"], lw=1.6)
+            if record["diverged"]:
+                ax.plot([record["diverged"]["step"]], [acc[-1]], "x", color=line.get_color(),
+                        ms=10, mew=2)
+        if analysis["inception_max_accuracy"] is not None:
+            ax.axhline(analysis["inception_max_accuracy"], color="gray", lw=0.8, ls=":",
+                       label="Inception's max")
+        ax.axhline(analysis["chance"], color="black", lw=0.6, ls=":", label="chance")
+        finish(ax, "training step", "test accuracy (top-1)",
+               f"Figure 2 analogue: {data.name}, single crop (x = diverged)",
+               legend=dict(fontsize=8, loc="lower right"))
+
+
+def _summary(records, analysis, args, data: Data, device, decay_every: int) -> str:
+    n_train, n_test = data.sizes()
+    rows = analysis["variants"]
+    target = analysis["inception_max_accuracy"]
+    lines = ["# Inception variants (paper section 4.2, Figures 2 and 3)", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += [
+        f"Data: **{data.name}**, {n_train} training / {n_test} test examples; "
+        f"{args.steps} steps of {args.batch_size} per variant; width x{args.width}; "
+        f"device {device}"
+        + (f" ({torch.get_num_threads()} thread(s))" if device.type == "cpu" else "")
+        + (f" x {world_size()} processes" if world_size() > 1 else "") + ". "
+        f"Base (x1) learning rate {args.base_lr}, momentum {args.momentum}, weight decay "
+        f"{args.base_weight_decay} (accelerated: /5), x0.96 learning-rate decay every "
+        f"{decay_every} steps (accelerated: 6x as often). "
+        f"Seed {args.seed}.",
+        "",
+        "## Figure 3 analogue",
+        "",
+        f"Target = plain Inception's maximum test accuracy here "
+        f"({'n/a' if target is None else f'{target:.4f}'}); the paper's is 72.2% (ImageNet).",
+        "",
+        "| network | LR (ours) | steps to Inception's max | speed-up | max accuracy (step) "
+        "| paper LR | paper steps to 72.2% | paper max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        v = records[name]["variant"]
+        if row["diverged"]:
+            reach = f"diverged at step {row['diverged']['step']}"
+        else:
+            reach = format_steps(row["steps_to_inception_max"])
+        speed = f"{row['speedup_vs_inception']:.1f}x" if row["speedup_vs_inception"] else "-"
+        paper_max = ("-" if v["paper_max_accuracy"] is None
+                     else f"{100 * v['paper_max_accuracy']:.1f}%")
+        paper_steps = (format_steps(v["paper_steps"]) if v["paper_max_accuracy"]
+                       else v["paper_note"])
+        lines.append(
+            f"| {name} | {row['lr']:.4g} | {reach} | {speed} | {100 * row['max_accuracy']:.2f}% "
+            f"({row['max_accuracy_step']}) | {v['paper_lr']} | {paper_steps} | {paper_max} |")
+    lines += ["", "## The paper's failure cases and other observations", ""]
+    for name, row in rows.items():
+        if row["diverged"]:
+            d = row["diverged"]
+            lines.append(
+                f"- **{name} diverged** at step {d['step']}: {d['reason']}; "
+                f"{d['nonfinite_parameters']} of {d['total_parameters']} parameters non-finite "
+                f"({d['infinite_parameters']} infinite).")
+        elif row["at_chance"]:
+            lines.append(f"- **{name} stayed at chance level** ({100 * analysis['chance']:.0f}%): "
+                         f"max {100 * row['max_accuracy']:.2f}%.")
+    for name, expectation in (("inception-x5", "diverges"),
+                              ("inception-sigmoid", "stays at chance")):
+        row = rows.get(name)
+        if row is None or row["diverged"] or (name == "inception-sigmoid" and row["at_chance"]):
+            continue
+        did = "its loss and parameters stayed finite" if name == "inception-x5" else (
+            "it rose above chance")
+        end = " (at chance at the end)" if row["final_at_chance"] else ""
+        lines.append(f"- {name}: the paper says it {expectation}; here {did}: max accuracy "
+                     f"{100 * row['max_accuracy']:.2f}%, final "
+                     f"{100 * row['final_accuracy']:.2f}%{end}.")
+    order = sorted((n for n in rows if not rows[n]["diverged"]),
+                   key=lambda n: -rows[n]["max_accuracy"])
+    lines += ["", "Ranking by maximum accuracy here: " + " > ".join(order) + ". The paper's: "
+              f"{PAPER_RANKING}.", "",
+              f"Training time: {sum(r['seconds'] for r in records.values()):.0f} s over "
+              f"{len(records)} variants ("
+              + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in records.items()) + ").", "",
+              "Figure 2 analogue: `figure2.png` (test accuracy vs. training step, all variants). "
+              "Per-variant curves: `*/history.json`, `metrics.csv`; everything: `results.json`.",
+              ""]
+    return "\n".join(lines)
