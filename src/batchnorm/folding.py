@@ -257,7 +257,15 @@ def fold(model: nn.Module, *, report: bool = False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
-    folded = copy.deepcopy(model).eval()
+    try:
+        folded = copy.deepcopy(model).eval()
+    except RuntimeError as error:  # e.g. a weight computed in a graph, stored as an attribute
+        raise RuntimeError(
+            f"fold: copying the model with copy.deepcopy failed ({error}). A module attribute "
+            "holding a tensor computed with autograd cannot be copied; the deprecated "
+            "torch.nn.utils.weight_norm/spectral_norm leave one until a forward pass under "
+            "torch.no_grad(): run one, or use torch.nn.utils.parametrizations instead"
+        ) from error
     index = _ModelIndex(folded)
     pairs, method = _candidate_pairs(folded, index)
     result = FoldReport(method=method)
