@@ -1,6 +1,7 @@
 """recalibrate (Algorithm 2's population statistics) and fold (BN folded into the layer before)."""
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -221,3 +222,147 @@ def test_fold_falls_back_to_sequential_order_when_tracing_fails():
     x = torch.randn(3, 4)
     with torch.no_grad():
         assert rel_err(folded(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_recalibrate_draws_exactly_num_batches_and_leaves_the_iterator_open(progress):
+    """The caller's generator yields the rest afterwards (progress bar on or off)."""
+    torch.manual_seed(2)
+    drawn, closed = [], []
+
+    def generate():
+        try:
+            for x, _ in _batches([6] * 5):
+                drawn.append(x)
+                yield x
+        finally:
+            closed.append(True)
+
+    batches = generate()
+    batchnorm.recalibrate(TwoBN().double(), batches, num_batches=2, progress=progress)
+    assert len(drawn) == 2 and not closed
+    assert len(list(batches)) == 3 and closed
+
+
+class _SubclassBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_convert_reports_what_it_converts_and_skips(caplog):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _SubclassBN(4),
+                          nn.SyncBatchNorm(4), batchnorm.SyncBatchNorm(4),
+                          batchnorm.BatchNorm2d(4))
+    with caplog.at_level(logging.WARNING, logger="batchnorm"):
+        same, report = batchnorm.convert(model, report=True)
+    assert same is model
+    assert report.converted == [("1", "torch.nn.BatchNorm2d -> batchnorm.BatchNorm2d")]
+    reasons = dict(report.skipped)
+    assert set(reasons) == {"2", "3", "4"}  # "5" is ours already
+    assert "_SubclassBN subclasses torch.nn.BatchNorm2d" in reasons["2"]
+    assert "sync=True" in reasons["3"] and "pass cls" in reasons["4"]
+    assert type(model[2]) is _SubclassBN and type(model[3]) is nn.SyncBatchNorm
+    assert "3 BN layer(s) left as they were" in caplog.text
+    assert batchnorm.convert(model) is model  # the old return value without report=True
+    _, report = batchnorm.convert(model, sync=True, report=True)
+    assert [name for name, _ in report.converted] == ["1", "3", "5"]
+    assert [name for name, _ in report.skipped] == ["2"]
+    _, report = batchnorm.convert(model, to="torch", report=True)
+    assert not report.converted and len(report.skipped) == 4  # synchronized ones stay
+
+
+def _add_one(module, args, output):
+    return output + 1
+
+
+def _double_input(module, args):
+    return (args[0] * 2,)
+
+
+@pytest.mark.parametrize("to,sync", [("batchnorm", False), ("batchnorm", True)])
+def test_convert_keeps_hooks(to, sync):
+    bn = nn.BatchNorm2d(3).eval()
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), bn)
+    handle = bn.register_forward_hook(_add_one)
+    bn.register_forward_pre_hook(_double_input)
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        expected = model(x)
+        batchnorm.convert(model, to=to, sync=sync)
+        assert type(model[1]) is not nn.BatchNorm2d
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        if not sync:
+            batchnorm.convert(model, to="torch")
+            assert type(model[1]) is nn.BatchNorm2d
+            assert torch.allclose(model(x), expected, atol=1e-6)
+        handle.remove()  # the handle from the original layer still works
+        assert torch.allclose(model(x), expected - 1, atol=1e-6)
+
+
+class _WSConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _SequentialWithForward(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: not traceable
+            return x
+        return self.body(x)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_fold_refuses_layers_it_does_not_know(traceable):
+    """Parametrized, weight-standardizing, hooked convolutions and unknown containers stay,
+    each reported with the reason and the way out; the function is unchanged."""
+    hooked = nn.Conv2d(3, 3, 1)
+    hooked.register_forward_hook(_add_one)
+    body = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3),
+        nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3),
+        _WSConv(3, 3, 1), nn.BatchNorm2d(3),
+        hooked, nn.BatchNorm2d(3),
+        _SequentialWithForward(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)),
+        nn.Conv2d(3, 3, 1), batchnorm.BatchNorm2d(3, activation="tanh"))
+    model = _trained(body if traceable else _Untraceable(body), (4, 3, 5, 5))
+    prefix = "" if traceable else "body."
+    folded, report = batchnorm.fold(model, report=True)
+    assert report.method == ("torch.fx" if traceable else "nn.Sequential")
+    # traced, the container's own forward is seen through: its conv and BN fold
+    assert report.folded == ([("8.0", "8.1")] if traceable else []) + [(f"{prefix}9",
+                                                                         f"{prefix}10")]
+    reasons = dict(report.unfolded)
+    assert "parametrized" in reasons[f"{prefix}1"] and "remove_parametrizations" in reasons[
+        f"{prefix}1"]
+    assert "parametrized" in reasons[f"{prefix}3"]
+    assert "_WSConv, not exactly" in reasons[f"{prefix}5"]
+    assert "forward hooks" in reasons[f"{prefix}7"]
+    if not traceable:
+        assert "has a forward of its own" in reasons[f"{prefix}8.1"]
+    x = torch.randn(3, 3, 5, 5)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) < 1e-6
+    assert isinstance(folded.get_submodule(f"{prefix}10"), nn.Tanh)
+
+
+def test_fold_explains_a_model_it_cannot_copy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3))
+    with pytest.raises(RuntimeError, match=r"deepcopy failed.*torch.no_grad\(\)"):
+        batchnorm.fold(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 4, 4))
+    _, report = batchnorm.fold(model, report=True)
+    assert "forward hooks" in dict(report.unfolded)["1"]

@@ -47,6 +47,9 @@ LAYERS = {
     "batchnorm.variants": MODULES,
     "batchnorm.distributed": DISTRIBUTED,
     "batchnorm.inference": TOOLS,
+    "batchnorm.known_layers": TOOLS,
+    "batchnorm.conversion": TOOLS,
+    "batchnorm.folding": TOOLS,
     "batchnorm.monitor": TOOLS,
     "batchnorm.probes": TOOLS,
     "batchnorm": TOOLS,  # the package's __init__ re-exports the public API up to this layer

@@ -1,96 +1,37 @@
 """Tools around Algorithm 2: swap BN modules, compute population statistics, fold BN away.
 
-- :func:`convert` swaps ``torch.nn.BatchNorm*d`` and ours (or synchronized ones) in a model.
-- :func:`recalibrate` is Algorithm 2 step 10 ("precise BN"): exact population statistics.
+- :func:`convert` swaps ``torch.nn.BatchNorm*d`` and ours (or synchronized ones) in a model
+  (:mod:`batchnorm.conversion`).
+- :func:`recalibrate` is Algorithm 2 step 10 ("precise BN"): exact population statistics
+  (here).
 - :func:`fold` is Algorithm 2 step 11: BN at inference is a fixed affine map
-  ``y = scale * x + shift``, which merges into the preceding Linear or Conv layer.
+  ``y = scale * x + shift``, which merges into the preceding Linear or Conv layer
+  (:mod:`batchnorm.folding`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from batchnorm.activations import MODULES as ACTIVATION_MODULES
+from batchnorm.conversion import ConvertReport, convert
 from batchnorm.distributed import SyncBatchNorm, merge_across_processes
-from batchnorm.modules import TORCH_BATCHNORMS, TORCH_TO_OURS, BatchNormBase
+from batchnorm.folding import FOLDABLE_LAYERS, FoldReport, fold
 from batchnorm.process_group import is_distributed, is_main_process
 from batchnorm.statistics import mean_and_variance
-from batchnorm.swap import rebuild, replace_submodule
+
+__all__ = ["FOLDABLE_LAYERS", "ConvertReport", "FoldReport", "convert", "fold", "recalibrate"]
 
 logger = logging.getLogger("batchnorm")
-
-
-# --------------------------------------------------------------------------------------------
-# convert
-
-
-def _torch_class_of(module: nn.Module) -> type | None:
-    """The ``torch.nn.BatchNorm*d`` that ``module`` is a drop-in for, if it is one of ours
-    (``SyncBatchNorm`` is not: it stays what it is under ``to="torch"``)."""
-    if isinstance(module, BatchNormBase):
-        return next((c for c in TORCH_BATCHNORMS if isinstance(module, c)), None)
-    return None
-
-
-def _swap(module: nn.Module, to: str, sync: bool, process_group) -> nn.Module:
-    """``module`` as ``convert`` wants it, or ``module`` itself when it stays."""
-    if sync:
-        if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-            return SyncBatchNorm.from_batchnorm(module, process_group)
-        return module
-    if to == "batchnorm" and type(module) in TORCH_BATCHNORMS:
-        return rebuild(module, TORCH_TO_OURS[type(module)])
-    if to == "torch" and (torch_cls := _torch_class_of(module)) is not None:
-        return rebuild(module, torch_cls)
-    if hasattr(module, "to_batchnorm") and to == "batchnorm":  # our SyncBatchNorm, unsynced
-        return module.to_batchnorm()
-    return module
-
-
-def convert(
-    model: nn.Module, to: str = "batchnorm", *, sync: bool = False, process_group=None
-) -> nn.Module:
-    """Replace every BN layer of ``model`` in place and return the model.
-
-    ``to="batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d`` into ours; ``to="torch"`` turns ours
-    back. ``sync=True`` turns every BN layer (torch's or ours) into
-    :class:`batchnorm.distributed.SyncBatchNorm` over ``process_group`` (default: the world).
-    Parameters and buffers are shared, not copied, and each layer keeps its mode and device.
-    If ``model`` itself is a BN layer, the replacement is returned.
-    """
-    if to not in ("batchnorm", "torch"):
-        raise ValueError(f"convert: to must be 'batchnorm' or 'torch', got {to!r}")
-    if sync and to != "batchnorm":
-        raise ValueError("convert: sync=True converts to batchnorm.SyncBatchNorm; use "
-                         "to='batchnorm'")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    if to == "torch":
-        # torch's BN cannot hold a fused nonlinearity; dropping it would change the model
-        fused = [name or "model" for name, m in model.named_modules()
-                 if _torch_class_of(m) is not None and m.activation is not None]
-        if fused:
-            raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(fused)} fuse an "
-                             "activation, which torch.nn.BatchNorm*d cannot hold; rebuild them "
-                             "with activation=None followed by the nonlinearity first")
-    swapped = _swap(model, to, sync, process_group)
-    if swapped is not model:
-        return swapped
-    for name, child in model.named_children():
-        new_child = convert(child, to, sync=sync, process_group=process_group)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,24 +160,26 @@ def _measuring(model: nn.Module, layers: dict[str, _BatchNorm]) -> Iterator[None
 def _run_batches(model: nn.Module, batches: Iterable, num_batches: int | None,
                  forward: Callable | None, progress: bool) -> int:
     """Feed at most ``num_batches`` of ``batches`` through ``model`` (a progress bar on the
-    main process); return how many went through."""
+    main process); return how many went through.
+
+    No batch beyond ``num_batches`` is drawn, and ``batches`` is never closed: an iterator or
+    generator the caller passed in yields the rest afterwards.
+    """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     total = num_batches
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
-    bar = tqdm(batches, total=total, desc="recalibrate", unit="batch",
-               disable=not (progress and is_main_process()))
+    if hasattr(batches, "__len__"):
+        total = len(batches) if total is None else min(total, len(batches))
     seen = 0
-    for batch in bar:
-        if num_batches is not None and seen >= num_batches:
-            break
-        if forward is not None:
-            forward(model, batch)
-        else:
-            model(_first_tensor(batch).to(device))
-        seen += 1
-    bar.close()
+    with tqdm(total=total, desc="recalibrate", unit="batch",
+              disable=not (progress and is_main_process())) as bar:
+        for batch in itertools.islice(batches, num_batches):
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(_first_tensor(batch).to(device))
+            seen += 1
+            bar.update()
     return seen
 
 
@@ -290,129 +233,3 @@ def recalibrate(
     recorder.write_population_statistics()
     logger.info("recalibrate: %d BN layers from %d batches", len(layers), seen)
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# fold
-
-FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass
-class FoldReport:
-    """Which BN layers were folded into which layer, and which stayed, with the reason."""
-
-    folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, bn)
-    unfolded: list[tuple[str, str]] = field(default_factory=list)  # (bn, reason)
-
-
-class _LeafTracer(torch.fx.Tracer):
-    """Keeps every BN layer (ours included) opaque, so the graph shows what feeds it."""
-
-    def is_leaf_module(self, module, qualname):
-        return isinstance(module, _BatchNorm) or super().is_leaf_module(module, qualname)
-
-
-def _candidate_pairs(model: nn.Module) -> dict[str, tuple[str | None, str]]:
-    """``{bn_name: (layer_name or None, reason)}`` for every BN layer in the model."""
-    modules = dict(model.named_modules())
-    bns = [name for name, m in modules.items() if isinstance(m, _BatchNorm)]
-    pairs = {name: (None, "its input is not the output of a Linear or Conv layer") for name in bns}
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as error:  # untraceable forward: fall back to nn.Sequential neighbours
-        logger.info("fold: symbolic tracing failed (%s); using nn.Sequential order", error)
-        for name, module in modules.items():
-            if isinstance(module, nn.Sequential):
-                children = list(module.named_children())
-                for (prev_name, prev), (bn_name, _) in zip(children, children[1:], strict=False):
-                    full = f"{name}.{bn_name}" if name else bn_name
-                    if full in pairs and isinstance(prev, FOLDABLE_LAYERS):
-                        pairs[full] = (f"{name}.{prev_name}" if name else prev_name, "")
-        return pairs
-    calls: dict[str, list] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    for name in bns:
-        nodes = calls.get(name, [])
-        if len(nodes) != 1:
-            pairs[name] = (None, f"it is called {len(nodes)} times in forward, not once")
-            continue
-        node = nodes[0]
-        if len(node.args) != 1 or node.kwargs:
-            pairs[name] = (None, "it takes a residual or extra arguments")
-            continue
-        source = node.args[0]
-        if not (isinstance(source, torch.fx.Node) and source.op == "call_module"
-                and isinstance(modules[source.target], FOLDABLE_LAYERS)):
-            continue
-        if len(calls[source.target]) != 1 or len(source.users) != 1:
-            pairs[name] = (None, f"the output of {source.target} is also used elsewhere")
-            continue
-        pairs[name] = (source.target, "")
-    return pairs
-
-
-@torch.no_grad()
-def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
-    """``W' = scale * W``, ``b' = scale * b + shift`` per output channel, computed in float64."""
-    var = bn.running_var.double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    weight = layer.weight
-    new_weight = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    old_bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)
-    new_bias = old_bias * scale + shift
-    layer.weight.copy_(new_weight.to(weight.dtype))
-    if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias.to(weight.dtype))
-    else:
-        layer.bias.copy_(new_bias.to(layer.bias.dtype))
-
-
-def _why_not(layer: nn.Module, bn: _BatchNorm) -> str:
-    if not bn.track_running_stats or bn.running_mean is None:
-        return "it has no running statistics (track_running_stats=False uses batch statistics)"
-    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if out != bn.num_features:
-        return f"the preceding layer has {out} outputs but BN has {bn.num_features} features"
-    if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
-        return "a Linear layer can only fold into BatchNorm1d"
-    return ""
-
-
-def fold(model: nn.Module, *, report: bool = False):
-    """An eval-mode copy of ``model`` with each foldable BN merged into the layer before it.
-
-    A BN layer folds when its input is the output of a ``Linear`` (BatchNorm1d on ``(N, F)``)
-    or ``Conv1d/2d/3d`` used nowhere else, and it keeps running statistics. It is replaced by
-    ``nn.Identity`` (or by its fused activation's module). Every other BN layer stays in place
-    and is logged as a warning with the reason. The layers' order comes from symbolic tracing
-    (``torch.fx``); a model that cannot be traced falls back to neighbours in ``nn.Sequential``.
-
-    Returns the folded model, or ``(model, FoldReport)`` with ``report=True``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
-    folded = copy.deepcopy(model).eval()
-    result = FoldReport()
-    for bn_name, (layer_name, reason) in _candidate_pairs(folded).items():
-        bn = folded.get_submodule(bn_name)
-        if layer_name is not None:
-            reason = _why_not(folded.get_submodule(layer_name), bn)
-        if layer_name is None or reason:
-            result.unfolded.append((bn_name, reason))
-            logger.warning("fold: BN layer %r stays unfolded: %s", bn_name, reason)
-            continue
-        _fold_into(folded.get_submodule(layer_name), bn)
-        activation = getattr(bn, "activation", None)
-        replace_submodule(folded, bn_name,
-                          ACTIVATION_MODULES[activation]() if activation else nn.Identity())
-        result.folded.append((layer_name, bn_name))
-    return (folded, result) if report else folded
-
