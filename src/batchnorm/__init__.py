@@ -20,7 +20,7 @@ foundations (:mod:`~batchnorm.activations`, :mod:`~batchnorm.statistics`,
 
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.functional import batch_norm
-from batchnorm.inference import FoldReport, convert, fold, recalibrate
+from batchnorm.inference import ConvertReport, FoldReport, convert, fold, recalibrate
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ConvertReport",
     "FoldReport",
     "SyncBatchNorm",
     "batch_norm",
