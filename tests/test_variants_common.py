@@ -1,0 +1,84 @@
+"""Helpers shared by the variant tests (tests/test_variants_*.py), and the checks that hold for
+every variant: BN's parameters, buffers and state_dict keys, and what the package exports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import batchnorm.variants as variants
+
+# name -> (rank of the module: 1, 2 or 3; input shape); channels_last for 4D/5D where named so
+KINDS = {
+    "1d-2D": (1, (12, 5)),
+    "1d-3D": (1, (6, 4, 7)),
+    "2d": (2, (4, 3, 5, 6)),
+    "2d-channels_last": (2, (4, 6, 3, 5)),
+    "3d": (3, (2, 3, 4, 3, 5)),
+    "3d-channels_last": (3, (2, 4, 3, 2, 3)),
+}
+# relative error bounds per dtype: (forward, gradients)
+TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-6, 5e-5)}
+
+
+def make_input(kind: str, gen: torch.Generator, dtype=torch.float64, shape=None) -> torch.Tensor:
+    """Fresh random non-zero input with an offset (mean 1.5, std 2) in the kind's layout."""
+    shape = shape or KINDS[kind][1]
+    x = (1.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    if kind.endswith("channels_last"):
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def randomize(module: nn.Module, gen: torch.Generator, signed: bool = False) -> nn.Module:
+    """Non-trivial gamma (some negative if ``signed``) and beta."""
+    if module.weight is not None:
+        with torch.no_grad():
+            c = module.num_features
+            w = 0.5 + torch.rand(c, generator=gen, dtype=torch.float64)
+            if signed:
+                w[::2] *= -1
+            module.weight.copy_(w)
+            module.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+    return module
+
+
+def check(actual, expected, tol: float, what: str) -> None:
+    def as_tensor(v):
+        return v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+
+    err = rel_err(as_tensor(actual), as_tensor(expected))
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+def module_class(prefix: str, rank: int):
+    return getattr(variants, f"{prefix}{rank}d")
+
+
+CONSTRUCTORS = {
+    "renorm": lambda rank, c: module_class("BatchRenorm", rank)(c, r_max=2.0, d_max=1.0),
+    "ghost": lambda rank, c: module_class("GhostBatchNorm", rank)(c, ghost_batch_size=2),
+    "inplace_abn": lambda rank, c: module_class("InPlaceABN", rank)(c),
+}
+TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@pytest.mark.parametrize("variant", sorted(CONSTRUCTORS))
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_drop_in_for_torch_batchnorm(variant, rank):
+    """isinstance, parameters, buffers and state_dict keys as torch.nn.BatchNorm*d, both ways."""
+    ours = CONSTRUCTORS[variant](rank, 4)
+    theirs = TORCH[rank](4)
+    assert isinstance(ours, TORCH[rank])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(randomize(theirs, torch.Generator().manual_seed(0)).state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == ["weight", "bias"]
+
+
+def test_package_exports():
+    for name in variants.__all__:
+        assert getattr(variants, name) is not None, name

@@ -1,0 +1,307 @@
+"""Batch Renormalization against the float64 reference of Ioffe (2017), Algorithm 1 and the
+backward of section 3: forward, gradients, moving averages, inference, schedule, equivalences."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from test_variants_common import KINDS, TOL, check, make_input, module_class, randomize
+from torch import nn
+
+import batchnorm
+from batchnorm import reference as bn_ref
+from batchnorm.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    batch_renorm,
+    renorm_schedule,
+    to_renorm,
+)
+from batchnorm.variants import reference as ref
+from batchnorm.variants.renorm import PAPER_SCHEDULE, RampSchedule
+
+EPS = 1e-5
+
+
+def _renorm_module(kind, dtype, gen, **kwargs):
+    rank, shape = KINDS[kind]
+    m = module_class("BatchRenorm", rank)(shape[1], dtype=dtype, **kwargs)
+    randomize(m, gen, signed=True)
+    with torch.no_grad():  # moving averages far enough from the batch's that r and d clip
+        m.running_mean.copy_(torch.randn(shape[1], generator=gen, dtype=torch.float64))
+        m.running_var.copy_(0.3 + 4 * torch.rand(shape[1], generator=gen, dtype=torch.float64))
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# the reference against its own definition
+
+
+def test_reference_backward_matches_central_differences_with_r_d_constant():
+    """Section 3's gradients equal finite differences of Algorithm 1 with r, d held fixed."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=(5, 3, 2))
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
+    mu, sigma = rng.normal(size=3), rng.uniform(0.5, 3.0, 3)
+    weights = rng.normal(size=x.shape)
+    _, cache = ref.batch_renorm_forward(x, gamma, beta, mu, sigma, 1.5, 0.3, EPS)
+    assert np.any(cache.r == 1.5) or np.any(cache.r == 1 / 1.5)  # clipping is exercised
+    grads = ref.batch_renorm_backward(weights, cache)
+
+    def loss(x, gamma, beta):  # Algorithm 1 with r and d frozen at the values above
+        rows = bn_ref.to_rows(x)
+        mu_b = rows.mean(axis=0)
+        sigma_b = np.sqrt(EPS + ((rows - mu_b) ** 2).mean(axis=0))
+        y = gamma * ((rows - mu_b) / sigma_b * cache.r + cache.d) + beta
+        return np.sum(bn_ref.to_rows(weights) * y)
+
+    h = 1e-6
+    for which, arg, analytic in ((0, x, grads.dx), (1, gamma, grads.dgamma),
+                                 (2, beta, grads.dbeta)):
+        numeric = np.zeros_like(arg)
+        for index in np.ndindex(*arg.shape):
+            args = [x, gamma, beta]
+            plus, minus = arg.copy(), arg.copy()
+            plus[index] += h
+            minus[index] -= h
+            args[which] = plus
+            up = loss(*args)
+            args[which] = minus
+            numeric[index] = (up - loss(*args)) / (2 * h)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_reference_is_batchnorm_with_r1_d0():
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 3.0, size=(6, 4))
+    gamma, beta = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
+    y, cache = ref.batch_renorm_forward(x, gamma, beta, rng.normal(size=4),
+                                        rng.uniform(1, 2, 4), 1.0, 0.0, EPS)
+    y_bn, bn_cache = bn_ref.batch_norm_forward(x, gamma, beta, EPS)
+    np.testing.assert_allclose(y, y_bn, rtol=1e-13)
+    dy = rng.normal(size=x.shape)
+    np.testing.assert_allclose(ref.batch_renorm_backward(dy, cache).dx,
+                               bn_ref.batch_norm_backward(dy, bn_cache).dx, rtol=1e-11)
+
+
+# --------------------------------------------------------------------------------------------
+# modules against the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("running_average", ["sigma", "var"])
+def test_module_matches_reference_over_steps(kind, dtype, running_average, one_thread):
+    gen = torch.Generator().manual_seed(len(kind))
+    fwd_tol, grad_tol = TOL[dtype]
+    m = _renorm_module(kind, dtype, gen, r_max=1.5, d_max=0.5, momentum=0.2,
+                       running_average=running_average)
+    clipped = False
+    for _ in range(3):
+        x = make_input(kind, gen, dtype).requires_grad_()
+        gamma, beta = m.weight.detach().double().numpy(), m.bias.detach().double().numpy()
+        mu = m.running_mean.double().numpy().copy()  # (float64 tensors share their memory)
+        sigma = ref.sigma_from_running_var(m.running_var.double().numpy(), m.eps)
+        y_ref, cache = ref.batch_renorm_forward(x.detach().double().numpy(), gamma, beta, mu,
+                                                sigma, 1.5, 0.5, m.eps)
+        clipped |= bool(np.any(np.abs(cache.d) == 0.5) and np.any(cache.r != 1.5))
+        m.zero_grad()
+        y = m(x)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == (
+            x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4)
+        check(y, y_ref, fwd_tol, "forward")
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+        y.backward(dy)
+        grads = ref.batch_renorm_backward(dy.double().numpy(), cache)
+        check(x.grad, grads.dx, grad_tol, "dx")
+        check(m.weight.grad, grads.dgamma, grad_tol, "dgamma")
+        check(m.bias.grad, grads.dbeta, grad_tol, "dbeta")
+        if running_average == "sigma":
+            mu_new, sigma_new = ref.renorm_moving_averages(mu, sigma, cache, 0.2)
+            var_new = ref.running_var_from_sigma(sigma_new, m.eps)
+        else:
+            mu_new, var_new = bn_ref.update_running_statistics(
+                mu, sigma**2 - m.eps, x.detach().double().numpy(), 0.2, 1)
+        check(m.running_mean, mu_new, fwd_tol, "running_mean")
+        check(m.running_var, var_new, fwd_tol * 10, "running_var")
+    assert clipped, "the test data should make r and d clip"
+    # inference: the paper's y = gamma (x - mu) / sigma + beta with the final moving averages
+    m.eval()
+    x = make_input(kind, gen, dtype)
+    expected = ref.batch_renorm_inference(
+        x.double().numpy(), m.weight.detach().double().numpy(), m.bias.detach().double().numpy(),
+        m.running_mean.double().numpy(),
+        ref.sigma_from_running_var(m.running_var.double().numpy(), m.eps))
+    check(m(x), expected, fwd_tol, "inference")
+
+
+@pytest.mark.parametrize("kind", ["1d-2D", "2d-channels_last", "3d"])
+def test_r1_d0_is_batchnorm(kind, one_thread):
+    """r_max = 1, d_max = 0 is BN: outputs and gradients; with running_average="var" also the
+    running statistics (the paper's "sigma" update is checked against the reference above)."""
+    gen = torch.Generator().manual_seed(3)
+    rank, shape = KINDS[kind]
+    renorm = _renorm_module(kind, torch.float64, gen, r_max=1.0, d_max=0.0, momentum=0.1,
+                            running_average="var")
+    bn = getattr(batchnorm, f"BatchNorm{rank}d")(shape[1], dtype=torch.float64)
+    bn.load_state_dict(renorm.state_dict())
+    for _ in range(2):
+        x = make_input(kind, gen)
+        outs = []
+        for m in (renorm, bn):
+            xi = x.clone().requires_grad_()
+            m.zero_grad()
+            y = m(xi)
+            y.backward(torch.ones_like(y) * torch.arange(y.numel()).reshape(y.shape).double())
+            outs.append((y, xi.grad, m.weight.grad, m.bias.grad))
+        for a, b in zip(*outs, strict=True):
+            assert rel_err(a, b) < 1e-13
+        assert rel_err(renorm.running_var, bn.running_var) < 1e-15
+        assert rel_err(renorm.running_mean, bn.running_mean) < 1e-15
+
+
+def test_gradcheck_and_gradgradcheck():
+    """Finite differences see r and d move with x, which the paper's stop_gradient ignores on
+    purpose; with both clipped to their bounds r and d are locally constant, and the stop-gradient
+    derivative is the true one (r != 1, d != 0 all the same)."""
+    gen = torch.Generator().manual_seed(5)
+    x = make_input("2d", gen).requires_grad_()  # mean ~1.5, std ~2
+    w = (0.5 + torch.rand(3, generator=gen, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
+    rm = torch.full((3,), 10.0, dtype=torch.float64)  # d = (mu_B - 10) / 6 < -0.2: clipped
+    rv = torch.full((3,), 36.0, dtype=torch.float64)  # r = sigma_B / 6 < 1 / 1.2: clipped
+
+    def f(x, w, b):  # momentum 0: the moving averages stay put between calls
+        return batch_renorm(x, rm, rv, w, b, True, 0.0, r_max=1.2, d_max=0.2)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+# --------------------------------------------------------------------------------------------
+# schedule
+
+
+def test_paper_schedule():
+    r, d = PAPER_SCHEDULE["r_max"], PAPER_SCHEDULE["d_max"]
+    assert [r(s) for s in (0, 5000, 22500, 40000, 10**6)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    assert [d(s) for s in (0, 5000, 15000, 25000, 10**6)] == [0.0, 0.0, 2.5, 5.0, 5.0]
+    assert renorm_schedule(2.0, 1.0, warmup=10, r_max_step=20, d_max_step=30)["r_max"] == \
+        RampSchedule(1.0, 2.0, 10, 20)
+
+
+def test_module_follows_schedule_by_step(one_thread):
+    gen = torch.Generator().manual_seed(7)
+    m = BatchRenorm1d(4, dtype=torch.float64)  # default: the paper's schedule
+    assert m.bounds() == (1.0, 0.0)
+    bn = batchnorm.BatchNorm1d(4, momentum=0.01, dtype=torch.float64)
+    x = make_input("1d-2D", gen, shape=(8, 4))
+    assert rel_err(m(x), bn(x)) < 1e-14  # warm-up: BN (step 0)
+    assert int(m.num_batches_tracked) == 1
+    m.num_batches_tracked.fill_(40_000)
+    assert m.bounds() == (3.0, 5.0)
+    small = BatchRenorm1d(4, **renorm_schedule(2.0, 1.0, warmup=0, r_max_step=2, d_max_step=4))
+    assert [small.bounds(s) for s in (0, 1, 2, 4)] == [(1.0, 0.0), (1.5, 0.25), (2.0, 0.5),
+                                                        (2.0, 1.0)]
+
+
+def test_cumulative_average_momentum_none(one_thread):
+    gen = torch.Generator().manual_seed(8)
+    m = BatchRenorm1d(3, momentum=None, r_max=2.0, d_max=1.0, dtype=torch.float64)
+    sigmas, means = [], []
+    for _ in range(3):
+        x = make_input("1d-2D", gen, shape=(10, 3))
+        mu, var, _ = bn_ref.batch_statistics(x.numpy())
+        means.append(mu)
+        sigmas.append(np.sqrt(var + m.eps))
+        m(x)
+    # alpha = 1/t: the running values are the averages of mu_B and sigma_B over the 3 steps
+    # (the initial sigma = sqrt(1 + eps) is replaced at t = 1)
+    check(m.running_mean, np.mean(means, axis=0), 1e-14, "mean")
+    check(m.running_var, np.mean(sigmas, axis=0) ** 2 - m.eps, 1e-13, "var")
+
+
+# --------------------------------------------------------------------------------------------
+# the library's tools: convert, fold, recalibrate, torch interop
+
+
+def test_to_renorm_shares_parameters_and_keeps_inference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                          batchnorm.BatchNorm2d(3, activation="relu"), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5))
+    for m in model:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            randomize(m, torch.Generator().manual_seed(1))
+    model.eval()
+    x = torch.randn(4, 2, 6, 6)
+    expected = model(x)
+    weight = model[1].weight
+    to_renorm(model, r_max=3.0, d_max=5.0)
+    names = [type(m).__name__ for m in model if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert names == ["BatchRenorm2d", "BatchRenorm2d", "BatchRenorm1d"]
+    assert model[1].weight is weight and model[3].activation == "relu"
+    assert rel_err(model(x), expected) < 1e-6  # float32: torch's eval kernel vs ours
+    single = to_renorm(nn.BatchNorm2d(3), momentum=0.01)
+    assert isinstance(single, BatchRenorm2d) and single.momentum == 0.01
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        to_renorm(nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)))
+
+
+def test_fold_recalibrate_and_convert_to_torch():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), BatchRenorm2d(3, r_max=2.0, d_max=1.0),
+                          nn.ReLU()).double()
+    randomize(model[1], torch.Generator().manual_seed(2))
+    batches = [torch.randn(6, 2, 5, 5, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    for x in batches:
+        model(x)
+    model.eval()
+    x = batches[0]
+    folded = batchnorm.fold(model)
+    assert isinstance(folded[1], nn.Identity)
+    assert rel_err(folded(x), model(x)) < 1e-13
+    torch_model = batchnorm.convert(copy.deepcopy(model), to="torch")
+    assert type(torch_model[1]) is nn.BatchNorm2d
+    assert rel_err(torch_model(x), model(x)) < 1e-14
+    batchnorm.recalibrate(model, batches, progress=False)
+    with torch.no_grad():
+        stats = [bn_ref.batch_statistics(model[0](b).numpy()) for b in batches]
+    mean, var = bn_ref.population_statistics(*zip(*stats, strict=True))
+    check(model[1].running_mean, mean, 1e-13, "population mean")
+    check(model[1].running_var, var, 1e-13, "population variance")
+
+
+# --------------------------------------------------------------------------------------------
+# bad arguments
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(4, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"batch_renorm: r_max must be a number >= 1"):
+        batch_renorm(x, rm, rv, training=True, r_max=0.5, d_max=0.0)
+    with pytest.raises(ValueError, match=r"batch_renorm: d_max must be a number >= 0"):
+        batch_renorm(x, rm, rv, training=True, r_max=1.0, d_max=-1.0)
+    with pytest.raises(ValueError, match=r"running_mean and running_var are required"):
+        batch_renorm(x, None, None, training=True, r_max=2.0, d_max=1.0)
+    with pytest.raises(ValueError, match=r"running_average must be one of"):
+        batch_renorm(x, rm, rv, training=True, r_max=2.0, d_max=1.0, running_average="std")
+    with pytest.raises(ValueError, match=r"batch_renorm: weight must have shape \(3,\)"):
+        batch_renorm(x, rm, rv, torch.ones(4), training=True, r_max=2.0, d_max=1.0)
+    with pytest.raises(ValueError, match="track_running_stats must be True"):
+        BatchRenorm1d(3, track_running_stats=False)
+    with pytest.raises(TypeError, match=r"r_max must be a number or a callable"):
+        BatchRenorm1d(3, r_max="3")
+    with pytest.raises(ValueError, match=r"r_max must be a number >= 1"):
+        BatchRenorm1d(3, r_max=0.9)
+    with pytest.raises(ValueError, match=r"\(step 3\): d_max must be"):
+        BatchRenorm1d(3, d_max=lambda step: -step).bounds(3)
+    with pytest.raises(ValueError, match=r"expected 4D input"):
+        BatchRenorm2d(3)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"r_max_step must be an int > warmup=5000"):
+        renorm_schedule(r_max_step=100)
