@@ -54,6 +54,32 @@ def check(actual, expected, tol: float, what: str) -> None:
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
 
+def numpy64(t: torch.Tensor) -> np.ndarray:
+    """A float64 NumPy copy (``.numpy()`` of a float64 tensor would share its memory)."""
+    return t.detach().double().numpy().copy()
+
+
+def step_and_check(m: nn.Module, x: torch.Tensor, forward_ref, backward_ref,
+                   gen: torch.Generator, tol: tuple[float, float]):
+    """One training step of ``m`` on ``x`` checked against the reference:
+    ``forward_ref(x64) -> (y, cache)``, ``backward_ref(dy64, cache) -> (dx, dgamma, dbeta)``.
+    Returns the cache."""
+    fwd_tol, grad_tol = tol
+    x.requires_grad_()
+    y_ref, cache = forward_ref(numpy64(x))
+    m.zero_grad()
+    y = m(x)
+    check(y, y_ref, fwd_tol, "forward")
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    y.backward(dy)
+    actual = (x.grad, m.weight.grad, m.bias.grad)
+    for name, a, e in zip(("dx", "dgamma", "dbeta"), actual, backward_ref(numpy64(dy), cache),
+                          strict=True):
+        check(a, e, grad_tol, name)
+    return cache
+
+
 def module_class(prefix: str, rank: int):
     return getattr(variants, f"{prefix}{rank}d")
 

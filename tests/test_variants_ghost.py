@@ -4,9 +4,10 @@ virtual batch normalized with its own statistics, running statistics per virtual
 from __future__ import annotations
 
 import pytest
+import test_variants_common as vc
 import torch
 from conftest import rel_err
-from test_variants_common import KINDS, TOL, check, make_input, module_class, randomize
+from test_variants_common import KINDS, TOL, check, make_input, numpy64, step_and_check
 
 import batchnorm
 from batchnorm.variants import GhostBatchNorm1d, GhostBatchNorm2d, ghost_batch_norm
@@ -40,27 +41,16 @@ def test_module_matches_reference_over_steps(case, momentum, dtype, one_thread):
     rank, shape = KINDS[kind]
     shape = (n, *shape[1:])
     gen = torch.Generator().manual_seed(n * 10 + g)
-    fwd_tol, grad_tol = TOL[dtype]
-    m = randomize(module_class("GhostBatchNorm", rank)(shape[1], momentum=momentum,
+    fwd_tol = TOL[dtype][0]
+    m = vc.randomize(vc.module_class("GhostBatchNorm", rank)(shape[1], momentum=momentum,
                                                        ghost_batch_size=g, dtype=dtype), gen)
     batches_before = 0
     for _ in range(2):
-        x = make_input(kind, gen, dtype, shape).requires_grad_()
-        mean, var = m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy()
-        y_ref, caches = ref.ghost_batch_norm_forward(
-            x.detach().double().numpy(), m.weight.detach().double().numpy(),
-            m.bias.detach().double().numpy(), g, m.eps)
-        m.zero_grad()
-        y = m(x)
-        check(y, y_ref, fwd_tol, "forward")
-        if kind.endswith("channels_last"):  # the layout is kept
-            assert y.stride() == x.stride()
-        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
-        y.backward(dy)
-        dx, dgamma, dbeta = ref.ghost_batch_norm_backward(dy.double().numpy(), caches)
-        check(x.grad, dx, grad_tol, "dx")
-        check(m.weight.grad, dgamma, grad_tol, "dgamma")
-        check(m.bias.grad, dbeta, grad_tol, "dbeta")
+        x = make_input(kind, gen, dtype, shape)
+        mean, var = numpy64(m.running_mean), numpy64(m.running_var)
+        step_and_check(m, x, lambda x64: ref.ghost_batch_norm_forward(
+            x64, numpy64(m.weight), numpy64(m.bias), g, m.eps), ref.ghost_batch_norm_backward,
+            gen, TOL[dtype])
         mean, var = ref.ghost_running_statistics(mean, var, x.detach().double().numpy(), g,
                                                  momentum, batches_before)
         check(m.running_mean, mean, fwd_tol, "running_mean")
@@ -82,7 +72,7 @@ def test_whole_batch_is_batchnorm(kind, g_offset, one_thread):
     """ghost_batch_size >= N is BN, bit for bit (the same computation)."""
     rank, shape = KINDS[kind]
     gen = torch.Generator().manual_seed(1)
-    ghost = randomize(module_class("GhostBatchNorm", rank)(
+    ghost = vc.randomize(vc.module_class("GhostBatchNorm", rank)(
         shape[1], ghost_batch_size=shape[0] + g_offset, dtype=torch.float64), gen)
     bn = getattr(batchnorm, f"BatchNorm{rank}d")(shape[1], dtype=torch.float64)
     bn.load_state_dict(ghost.state_dict())

@@ -4,12 +4,14 @@ backward of section 3: forward, gradients, moving averages, inference, schedule,
 from __future__ import annotations
 
 import copy
+from dataclasses import astuple
 
 import numpy as np
 import pytest
+import test_variants_common as vc
 import torch
 from conftest import rel_err
-from test_variants_common import KINDS, TOL, check, make_input, module_class, randomize
+from test_variants_common import KINDS, check, make_input, numpy64, step_and_check
 from torch import nn
 
 import batchnorm
@@ -29,8 +31,8 @@ EPS = 1e-5
 
 def _renorm_module(kind, dtype, gen, **kwargs):
     rank, shape = KINDS[kind]
-    m = module_class("BatchRenorm", rank)(shape[1], dtype=dtype, **kwargs)
-    randomize(m, gen, signed=True)
+    m = vc.module_class("BatchRenorm", rank)(shape[1], dtype=dtype, **kwargs)
+    vc.randomize(m, gen, signed=True)
     with torch.no_grad():  # moving averages far enough from the batch's that r and d clip
         m.running_mean.copy_(torch.randn(shape[1], generator=gen, dtype=torch.float64))
         m.running_var.copy_(0.3 + 4 * torch.rand(shape[1], generator=gen, dtype=torch.float64))
@@ -97,29 +99,19 @@ def test_reference_is_batchnorm_with_r1_d0():
 @pytest.mark.parametrize("running_average", ["sigma", "var"])
 def test_module_matches_reference_over_steps(kind, dtype, running_average, one_thread):
     gen = torch.Generator().manual_seed(len(kind))
-    fwd_tol, grad_tol = TOL[dtype]
+    fwd_tol = vc.TOL[dtype][0]
     m = _renorm_module(kind, dtype, gen, r_max=1.5, d_max=0.5, momentum=0.2,
                        running_average=running_average)
     clipped = False
     for _ in range(3):
-        x = make_input(kind, gen, dtype).requires_grad_()
-        gamma, beta = m.weight.detach().double().numpy(), m.bias.detach().double().numpy()
-        mu = m.running_mean.double().numpy().copy()  # (float64 tensors share their memory)
-        sigma = ref.sigma_from_running_var(m.running_var.double().numpy(), m.eps)
-        y_ref, cache = ref.batch_renorm_forward(x.detach().double().numpy(), gamma, beta, mu,
-                                                sigma, 1.5, 0.5, m.eps)
+        x = make_input(kind, gen, dtype)
+        mu = numpy64(m.running_mean)
+        sigma = ref.sigma_from_running_var(numpy64(m.running_var), m.eps)
+        cache = step_and_check(
+            m, x, lambda x64, mu=mu, sigma=sigma: ref.batch_renorm_forward(
+                x64, numpy64(m.weight), numpy64(m.bias), mu, sigma, 1.5, 0.5, m.eps),
+            lambda dy64, cache: astuple(ref.batch_renorm_backward(dy64, cache)), gen, vc.TOL[dtype])
         clipped |= bool(np.any(np.abs(cache.d) == 0.5) and np.any(cache.r != 1.5))
-        m.zero_grad()
-        y = m(x)
-        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == (
-            x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4)
-        check(y, y_ref, fwd_tol, "forward")
-        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
-        y.backward(dy)
-        grads = ref.batch_renorm_backward(dy.double().numpy(), cache)
-        check(x.grad, grads.dx, grad_tol, "dx")
-        check(m.weight.grad, grads.dgamma, grad_tol, "dgamma")
-        check(m.bias.grad, grads.dbeta, grad_tol, "dbeta")
         if running_average == "sigma":
             mu_new, sigma_new = ref.renorm_moving_averages(mu, sigma, cache, 0.2)
             var_new = ref.running_var_from_sigma(sigma_new, m.eps)
@@ -236,7 +228,7 @@ def test_to_renorm_shares_parameters_and_keeps_inference():
                           nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5))
     for m in model:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            randomize(m, torch.Generator().manual_seed(1))
+            vc.randomize(m, torch.Generator().manual_seed(1))
     model.eval()
     x = torch.randn(4, 2, 6, 6)
     expected = model(x)
@@ -256,7 +248,7 @@ def test_fold_recalibrate_and_convert_to_torch():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), BatchRenorm2d(3, r_max=2.0, d_max=1.0),
                           nn.ReLU()).double()
-    randomize(model[1], torch.Generator().manual_seed(2))
+    vc.randomize(model[1], torch.Generator().manual_seed(2))
     batches = [torch.randn(6, 2, 5, 5, dtype=torch.float64) * 2 + 1 for _ in range(4)]
     for x in batches:
         model(x)

@@ -59,22 +59,11 @@ def check_ghost_batch_size(who: str, ghost_batch_size) -> None:
                          f"virtual batch), got {ghost_batch_size!r}")
 
 
-def ghost_batch_norm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    *,
-    ghost_batch_size: int,
-    num_batches_tracked: torch.Tensor | None = None,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None,
+                     training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+                     ghost_batch_size: int, num_batches_tracked: torch.Tensor | None = None,
+                     activation: str | None = None, residual: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
     """Ghost BN over dimension 1 of ``input`` (see the module docstring).
 
     Arguments as :func:`batchnorm.functional.batch_norm`, plus ``ghost_batch_size`` (samples per

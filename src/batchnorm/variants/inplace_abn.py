@@ -185,21 +185,10 @@ def effective_gamma(weight, eps: float):
     return None if weight is None else weight.abs() + eps
 
 
-def inplace_abn(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    *,
-    activation: str = "leaky_relu",
-    negative_slope: float = 0.01,
-    alpha: float = 1.0,
-    inplace: bool = False,
-) -> torch.Tensor:
+def inplace_abn(input, running_mean, running_var, weight=None, bias=None,
+                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                activation: str = "leaky_relu", negative_slope: float = 0.01, alpha: float = 1.0,
+                inplace: bool = False) -> torch.Tensor:
     """``f(BN(x))`` with ``|weight| + eps`` as gamma; in training only the output is saved for
     the backward (see the module docstring). Arguments as
     :func:`batchnorm.functional.batch_norm` (``weight`` is the raw gamma), plus the activation

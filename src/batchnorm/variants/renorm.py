@@ -137,23 +137,11 @@ def update_moving_averages(running_mean, running_var, mean_b, var_b, count: int,
     running_var.copy_(sigma.square_().sub_(eps).clamp_(min=0.0))
 
 
-def batch_renorm(
-    input: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    training: bool = False,
-    momentum: float = RENORM_MOMENTUM,
-    eps: float = 1e-5,
-    *,
-    r_max: float,
-    d_max: float,
-    running_average: str = "sigma",
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
+def batch_renorm(input, running_mean, running_var, weight=None, bias=None,
+                 training: bool = False, momentum: float = RENORM_MOMENTUM, eps: float = 1e-5, *,
+                 r_max: float, d_max: float, running_average: str = "sigma",
+                 activation: str | None = None, residual: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
     """Batch Renormalization over dimension 1 of ``input`` (see the module docstring).
 
     Arguments as :func:`batchnorm.functional.batch_norm`, plus ``r_max >= 1`` and
