@@ -60,10 +60,11 @@ def numpy64(t: torch.Tensor) -> np.ndarray:
 
 
 def step_and_check(m: nn.Module, x: torch.Tensor, forward_ref, backward_ref,
-                   gen: torch.Generator, tol: tuple[float, float]):
+                   gen: torch.Generator, tol: tuple[float, float], path: str | None = None):
     """One training step of ``m`` on ``x`` checked against the reference:
-    ``forward_ref(x64) -> (y, cache)``, ``backward_ref(dy64, cache) -> (dx, dgamma, dbeta)``.
-    Returns the cache."""
+    ``forward_ref(x64) -> (y, cache)``, ``backward_ref(dy64, cache) -> (dx, dgamma, dbeta)``;
+    with ``path``, also that the step ran on it (the variants' C++ Function or not). Returns the
+    cache."""
     fwd_tol, grad_tol = tol
     x.requires_grad_()
     y_ref, cache = forward_ref(numpy64(x))
@@ -71,6 +72,9 @@ def step_and_check(m: nn.Module, x: torch.Tensor, forward_ref, backward_ref,
     y = m(x)
     check(y, y_ref, fwd_tol, "forward")
     assert y.dtype == x.dtype and y.stride() == x.stride()
+    if path is not None:
+        name = y.grad_fn.name()  # the variants' own C++ Functions, or not
+        assert ("GroupedTrain" in name or "ABNTrain" in name) == (path == "kernels"), name
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(x.dtype)
     y.backward(dy)
     actual = (x.grad, m.weight.grad, m.bias.grad)
@@ -78,6 +82,15 @@ def step_and_check(m: nn.Module, x: torch.Tensor, forward_ref, backward_ref,
                           strict=True):
         check(a, e, grad_tol, name)
     return cache
+
+
+PATHS = ["kernels", "aten"]  # the variants' fused CPU kernels, or their ATen implementations
+
+
+def select_path(monkeypatch, path: str) -> None:
+    """Run the variants (and core BN) through ATen operations for ``path="aten"``."""
+    if path == "aten":
+        monkeypatch.setenv("BATCHNORM_CPU_KERNELS", "0")
 
 
 def module_class(prefix: str, rank: int):

@@ -14,7 +14,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import reference as bn_ref
-from batchnorm.variants import InPlaceABN1d, InPlaceABN2d, inplace_abn
+from batchnorm.variants import InPlaceABN1d, InPlaceABN2d, inplace_activated_batch_norm
 from batchnorm.variants import reference as ref
 
 ACTIVATIONS = [("leaky_relu", dict(negative_slope=0.1)), ("elu", dict(alpha=0.7)),
@@ -51,7 +51,10 @@ def test_reference_recomputation_equals_the_chain_rule_through_x(name, options):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name,options", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
-def test_module_matches_reference_over_steps(name, options, kind, dtype, one_thread):
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_module_matches_reference_over_steps(name, options, kind, dtype, path, monkeypatch,
+                                             one_thread):
+    vc.select_path(monkeypatch, path)
     rank, shape = KINDS[kind]
     gen = torch.Generator().manual_seed(len(kind) + len(name))
     fwd_tol = TOL[dtype][0]
@@ -63,7 +66,7 @@ def test_module_matches_reference_over_steps(name, options, kind, dtype, one_thr
         mean, var = vc.numpy64(m.running_mean), vc.numpy64(m.running_var)
         step_and_check(m, x, lambda x64: ref.inplace_abn_forward(
             x64, vc.numpy64(m.weight), vc.numpy64(m.bias), m.eps, name, slope, alpha),
-            ref.inplace_abn_backward, gen, TOL[dtype])
+            ref.inplace_abn_backward, gen, TOL[dtype], path)
         mean, var = bn_ref.update_running_statistics(mean, var, x.detach().double().numpy(),
                                                      0.3, 1)
         check(m.running_mean, mean, fwd_tol, "running_mean")
@@ -82,14 +85,16 @@ def test_module_matches_reference_over_steps(name, options, kind, dtype, one_thr
 
 
 @pytest.mark.parametrize("name,options", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
-def test_gradcheck_and_gradgradcheck(name, options):
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_gradcheck_and_gradgradcheck(name, options, path, monkeypatch):
+    vc.select_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(4)
     x = make_input("2d", gen, shape=(4, 3, 2, 3)).requires_grad_()
     w = torch.tensor([0.7, -1.3, 0.9], dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
 
     def f(x, w, b):
-        return inplace_abn(x, None, None, w, b, True, activation=name, **options)
+        return inplace_activated_batch_norm(x, None, None, w, b, True, activation=name, **options)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
@@ -110,7 +115,9 @@ def _saved_full_tensors(fn, x):
 
 
 @pytest.mark.parametrize("name", ["leaky_relu", "elu"])
-def test_saves_one_tensor_where_bn_plus_activation_saves_two(name):
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_saves_one_tensor_where_bn_plus_activation_saves_two(name, path, monkeypatch):
+    vc.select_path(monkeypatch, path)
     x = torch.randn(8, 16, 10, 10, requires_grad=True)
     act = {"leaky_relu": nn.LeakyReLU(0.01), "elu": nn.ELU()}[name]
     abn = _saved_full_tensors(InPlaceABN2d(16, activation=name), x)
@@ -120,14 +127,17 @@ def test_saves_one_tensor_where_bn_plus_activation_saves_two(name):
     assert len(torch_pair) == len(ours_pair) == 2
 
 
-def test_inplace_overwrites_the_input_and_matches():
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_inplace_overwrites_the_input_and_matches(path, monkeypatch):
+    vc.select_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(5)
     base = make_input("2d-channels_last", gen).requires_grad_()
     w = torch.tensor([1.1, -0.4, 0.6, 0.9, -2.0, 0.3], dtype=torch.float64, requires_grad=True)
     outs = []
     for inplace in (False, True):
         x = base * 1.0  # a non-leaf the layer may overwrite
-        z = inplace_abn(x, None, None, w, None, True, negative_slope=0.2, inplace=inplace)
+        z = inplace_activated_batch_norm(x, None, None, w, None, True, negative_slope=0.2,
+                                         inplace=inplace)
         assert (z.data_ptr() == x.data_ptr()) == inplace
         z.backward(torch.cos(z.detach()))
         outs.append((z.detach().clone(), base.grad.clone(), w.grad.clone()))
@@ -135,7 +145,7 @@ def test_inplace_overwrites_the_input_and_matches():
     for a, b in zip(*outs, strict=True):
         assert rel_err(a, b) < 1e-14
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        inplace_abn(base, None, None, w, None, True, inplace=True)
+        inplace_activated_batch_norm(base, None, None, w, None, True, inplace=True)
 
 
 def test_elu_inverse_error_and_gradients():
@@ -150,7 +160,7 @@ def test_elu_inverse_error_and_gradients():
     gen = torch.Generator().manual_seed(6)
     x = (5 * torch.randn(64, 4, generator=gen)).requires_grad_()
     w = torch.full((4,), 3.0, requires_grad=True)  # y reaches about -3 * 3 - 2
-    z = inplace_abn(x, None, None, w, -2 * torch.ones(4), True, activation="elu")
+    z = inplace_activated_batch_norm(x, None, None, w, -2 * torch.ones(4), True, activation="elu")
     dz = torch.randn(z.shape, generator=gen)
     z.backward(dz)
     _, cache = ref.inplace_abn_forward(x.detach().double().numpy(), w.detach().double().numpy(),
@@ -172,8 +182,8 @@ def test_bad_arguments_name_the_argument():
             InPlaceABN2d(4, negative_slope=bad)
     with pytest.raises(ValueError, match=r"alpha must be a finite number > 0"):
         InPlaceABN2d(4, activation="elu", alpha=0)
-    with pytest.raises(ValueError, match=r"inplace_abn: expected more than 1 value per channel"):
-        inplace_abn(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(ValueError, match=r"batch_norm: expected more than 1 value per"):
+        inplace_activated_batch_norm(torch.randn(1, 3), None, None, training=True)
     with pytest.raises(ValueError, match=r"InPlaceABN1d: expected 2D or 3D input"):
         InPlaceABN1d(3)(torch.randn(2, 3, 4, 5))
     assert "negative_slope=0.2" in repr(InPlaceABN2d(4, negative_slope=0.2))

@@ -97,7 +97,10 @@ def test_reference_is_batchnorm_with_r1_d0():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("running_average", ["sigma", "var"])
-def test_module_matches_reference_over_steps(kind, dtype, running_average, one_thread):
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_module_matches_reference_over_steps(kind, dtype, running_average, path, monkeypatch,
+                                             one_thread):
+    vc.select_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(len(kind))
     fwd_tol = vc.TOL[dtype][0]
     m = _renorm_module(kind, dtype, gen, r_max=1.5, d_max=0.5, momentum=0.2,
@@ -110,7 +113,8 @@ def test_module_matches_reference_over_steps(kind, dtype, running_average, one_t
         cache = step_and_check(
             m, x, lambda x64, mu=mu, sigma=sigma: ref.batch_renorm_forward(
                 x64, numpy64(m.weight), numpy64(m.bias), mu, sigma, 1.5, 0.5, m.eps),
-            lambda dy64, cache: astuple(ref.batch_renorm_backward(dy64, cache)), gen, vc.TOL[dtype])
+            lambda dy64, cache: astuple(ref.batch_renorm_backward(dy64, cache)), gen,
+            vc.TOL[dtype], path)
         clipped |= bool(np.any(np.abs(cache.d) == 0.5) and np.any(cache.r != 1.5))
         if running_average == "sigma":
             mu_new, sigma_new = ref.renorm_moving_averages(mu, sigma, cache, 0.2)
@@ -132,9 +136,11 @@ def test_module_matches_reference_over_steps(kind, dtype, running_average, one_t
 
 
 @pytest.mark.parametrize("kind", ["1d-2D", "2d-channels_last", "3d"])
-def test_r1_d0_is_batchnorm(kind, one_thread):
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_r1_d0_is_batchnorm(kind, path, monkeypatch, one_thread):
     """r_max = 1, d_max = 0 is BN: outputs and gradients; with running_average="var" also the
     running statistics (the paper's "sigma" update is checked against the reference above)."""
+    vc.select_path(monkeypatch, path)
     gen = torch.Generator().manual_seed(3)
     rank, shape = KINDS[kind]
     renorm = _renorm_module(kind, torch.float64, gen, r_max=1.0, d_max=0.0, momentum=0.1,
@@ -156,7 +162,8 @@ def test_r1_d0_is_batchnorm(kind, one_thread):
         assert rel_err(renorm.running_mean, bn.running_mean) < 1e-15
 
 
-def test_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("path", vc.PATHS)
+def test_gradcheck_and_gradgradcheck(path, monkeypatch):
     """Finite differences see r and d move with x, which the paper's stop_gradient ignores on
     purpose; with both clipped to their bounds r and d are locally constant, and the stop-gradient
     derivative is the true one (r != 1, d != 0 all the same)."""
@@ -166,6 +173,7 @@ def test_gradcheck_and_gradgradcheck():
     b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
     rm = torch.full((3,), 10.0, dtype=torch.float64)  # d = (mu_B - 10) / 6 < -0.2: clipped
     rv = torch.full((3,), 36.0, dtype=torch.float64)  # r = sigma_B / 6 < 1 / 1.2: clipped
+    vc.select_path(monkeypatch, path)
 
     def f(x, w, b):  # momentum 0: the moving averages stay put between calls
         return batch_renorm(x, rm, rv, w, b, True, 0.0, r_max=1.2, d_max=0.2)

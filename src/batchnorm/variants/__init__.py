@@ -7,7 +7,7 @@
 - :mod:`~batchnorm.variants.frozen`: frozen BN (torchvision-compatible
   :class:`FrozenBatchNorm2d`), :func:`freeze`, :func:`unfreeze`.
 - :mod:`~batchnorm.variants.inplace_abn`: in-place activated BN (Rota Bulo et al. 2018):
-  :class:`InPlaceABN2d`, :func:`inplace_abn`.
+  :class:`InPlaceABN2d`, :func:`inplace_activated_batch_norm`.
 - :mod:`~batchnorm.variants.reference`: the float64 NumPy oracle of all of them.
 """
 
@@ -26,7 +26,12 @@ from batchnorm.variants.ghost import (
     ghost_batch_norm,
     ghost_batch_sizes,
 )
-from batchnorm.variants.inplace_abn import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d, inplace_abn
+from batchnorm.variants.inplace_abn import (
+    InPlaceABN1d,
+    InPlaceABN2d,
+    InPlaceABN3d,
+    inplace_activated_batch_norm,
+)
 from batchnorm.variants.renorm import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -40,6 +45,6 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "FrozenBatchNorm", "FrozenBatchNorm1d",
     "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
     "GhostBatchNorm3d", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d", "batch_renorm", "freeze",
-    "ghost_batch_norm", "ghost_batch_sizes", "inplace_abn", "renorm_schedule", "to_renorm",
-    "unfreeze",
+    "ghost_batch_norm", "ghost_batch_sizes", "inplace_activated_batch_norm", "renorm_schedule",
+    "to_renorm", "unfreeze",
 ]

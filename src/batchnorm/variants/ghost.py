@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm.variants import _kernels
 from batchnorm.variants._core import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     batch_norm,
     check_as,
+    epilogue,
 )
 
 
@@ -101,6 +103,11 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None,
     if len(sizes) == 1:
         return batch_norm(input, running_mean, running_var, weight, bias, True, factors[0], eps,
                           activation=activation, residual=residual, backend=backend)
+    if backend in ("auto", "torch"):  # the fused CPU kernels, when they take the input
+        y = _kernels.grouped_train(input, weight, bias, running_mean, running_var, sizes,
+                                   factors, eps)
+        if y is not None:
+            return epilogue(y, activation, residual)
     residuals = residual.split(sizes) if residual is not None else [None] * len(sizes)
     outputs = [
         batch_norm(part, running_mean, running_var, weight, bias, True, factor, eps,

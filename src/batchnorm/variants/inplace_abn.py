@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchnorm.variants import _kernels
 from batchnorm.variants._core import (
     BatchNormMixin,
     batch_norm,
@@ -185,16 +186,19 @@ def effective_gamma(weight, eps: float):
     return None if weight is None else weight.abs() + eps
 
 
-def inplace_abn(input, running_mean, running_var, weight=None, bias=None,
-                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-                activation: str = "leaky_relu", negative_slope: float = 0.01, alpha: float = 1.0,
-                inplace: bool = False) -> torch.Tensor:
+def inplace_activated_batch_norm(
+        input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+        momentum: float = 0.1, eps: float = 1e-5, *, activation: str = "leaky_relu",
+        negative_slope: float = 0.01, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """``f(BN(x))`` with ``|weight| + eps`` as gamma; in training only the output is saved for
     the backward (see the module docstring). Arguments as
     :func:`batchnorm.functional.batch_norm` (``weight`` is the raw gamma), plus the activation
     (``"identity"``, ``"leaky_relu"`` with ``negative_slope``, ``"elu"`` with ``alpha``) and
-    ``inplace`` (write the output over ``input``)."""
-    who = "inplace_abn"
+    ``inplace`` (write the output over ``input``, when it is contiguous or channels-last).
+
+    On the CPU (float32, float64) this runs the fused kernels of :mod:`._kernels`, elsewhere
+    :class:`InPlaceABNFunction` (ATen operations); both compute the formulas above."""
+    who = "inplace_activated_batch_norm"
     check_as(who, input, running_mean, running_var, weight, bias, training, momentum, eps,
              None, None)
     check_activation_args(who, activation, negative_slope, alpha)
@@ -203,10 +207,12 @@ def inplace_abn(input, running_mean, running_var, weight=None, bias=None,
         y = batch_norm(input, running_mean, running_var, gamma, bias, False, 0.0, eps,
                        backend="torch")
         return _activate_(y, activation, negative_slope, alpha)
-    z, _ = InPlaceABNFunction.apply(input, gamma, bias, running_mean, running_var,
-                                    float(momentum), float(eps), activation,
-                                    float(negative_slope), float(alpha), bool(inplace))
-    return z
+    args = (input, gamma, bias, running_mean, running_var, float(momentum), float(eps))
+    options = (activation, float(negative_slope), float(alpha), bool(inplace))
+    out = _kernels.abn_train(*args, *options)
+    if out is None:
+        out = InPlaceABNFunction.apply(*args, *options)
+    return out[0]
 
 
 class _InPlaceABN:
@@ -234,11 +240,10 @@ class _InPlaceABN:
         factor = BatchNormMixin._averaging_factor(self, self.num_batches_tracked)
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep = not self.training or self.track_running_stats
-        return inplace_abn(input, running_mean if keep else None,
-                           running_var if keep else None, self.weight, self.bias,
-                           use_batch_stats, factor, self.eps, activation=self.activation,
-                           negative_slope=self.negative_slope, alpha=self.alpha,
-                           inplace=self.inplace)
+        return inplace_activated_batch_norm(
+            input, running_mean if keep else None, running_var if keep else None, self.weight,
+            self.bias, use_batch_stats, factor, self.eps, activation=self.activation,
+            negative_slope=self.negative_slope, alpha=self.alpha, inplace=self.inplace)
 
     def activation_module(self) -> nn.Module | None:
         """The activation as a module (None for identity)."""

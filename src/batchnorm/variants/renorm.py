@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from batchnorm.variants import _kernels
 from batchnorm.variants._core import (
     TORCH_BATCHNORMS,
     BatchNorm1d,
@@ -55,6 +56,7 @@ from batchnorm.variants._core import (
     batch_norm,
     batch_statistics,
     check_as,
+    epilogue,
     is_number,
     rebuild,
     replace,
@@ -163,6 +165,13 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None,
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps,
                           activation=activation, residual=residual, backend=backend)
+    if backend in ("auto", "torch"):  # the fused CPU kernels, when they take the input
+        y = _kernels.grouped_train(input, weight, bias, running_mean, running_var,
+                                   [input.shape[0]], [momentum or 0.0], eps, renorm=True,
+                                   r_max=r_max, d_max=d_max,
+                                   sigma_average=running_average == "sigma")
+        if y is not None:
+            return epilogue(y, activation, residual)
     mean_b, var_b = batch_statistics(input.detach())
     r, d = renorm_corrections(mean_b, var_b, running_mean, running_var, r_max, d_max, eps)
     if momentum:
