@@ -49,19 +49,17 @@ def contenders(shape) -> dict[str, torch.nn.Module]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-run-time", type=float, default=0.2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS / "variants-cpu.md")
+    for flag, kind, default in (("--threads", int, 1), ("--min-run-time", float, 0.2),
+                                ("--rounds", int, 5),
+                                ("--out", Path, RESULTS / "variants-cpu.md")):
+        parser.add_argument(flag, type=kind, default=default)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for label, shape, channels_last in SHAPES:
-        x = torch.randn(shape) * 2 + 1
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        x.requires_grad_()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        x = (torch.randn(shape) * 2 + 1).to(memory_format=layout).requires_grad_()
         dy = torch.randn_like(x)
         modules = {name: m.train() for name, m in contenders(shape).items()}
         for m in modules.values():

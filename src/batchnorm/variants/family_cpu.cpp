@@ -76,27 +76,17 @@ struct ActParams {
   T slope, inv_slope, alpha, floor;  // floor: the smallest z / alpha whose log1p is finite
 };
 
-template <Act A, typename T>
-inline T act_forward(T y, const ActParams<T>& p) {
+// f (Inverse = false) or f^-1 (Inverse = true).
+template <Act A, bool Inverse, typename T>
+inline T act_apply(T v, const ActParams<T>& p) {
   if constexpr (A == kLeaky) {
-    const T negative = y * p.slope;
-    return y >= T(0) ? y : negative;
+    const T negative = v * (Inverse ? p.inv_slope : p.slope);
+    return v >= T(0) ? v : negative;
   } else if constexpr (A == kElu) {
-    return y > T(0) ? y : p.alpha * std::expm1(y);
+    if constexpr (Inverse) return v > T(0) ? v : std::log1p(std::max(v / p.alpha, p.floor));
+    return v > T(0) ? v : p.alpha * std::expm1(v);
   } else {
-    return y;
-  }
-}
-
-template <Act A, typename T>
-inline T act_inverse(T z, const ActParams<T>& p) {
-  if constexpr (A == kLeaky) {
-    const T negative = z * p.inv_slope;
-    return z >= T(0) ? z : negative;
-  } else if constexpr (A == kElu) {
-    return z > T(0) ? z : std::log1p(std::max(z / p.alpha, p.floor));
-  } else {
-    return z;
+    return v;
   }
 }
 
@@ -132,18 +122,18 @@ inline void pair_of(T u, T v, T ctr, const ActParams<T>& p, T& s1, T& s2) {
     s2 = v * (u - ctr);
   } else {
     s1 = v * act_derivative<A>(u, p);
-    s2 = s1 * (act_inverse<A>(u, p) - ctr);
+    s2 = s1 * (act_apply<A, true>(u, p) - ctr);
   }
 }
 
 template <Formula F, Act A, typename T>
 inline T map_of(T u, T v, T ctr, T a, T b, T o, const ActParams<T>& p) {
   if constexpr (F == kForward) {
-    return act_forward<A>((u - ctr) * a + o, p);
+    return act_apply<A, false>((u - ctr) * a + o, p);
   } else if constexpr (F == kGradBN) {
     return a * v + b * (u - ctr) + o;
   } else {
-    return a * v * act_derivative<A>(u, p) + b * (act_inverse<A>(u, p) - ctr) + o;
+    return a * v * act_derivative<A>(u, p) + b * (act_apply<A, true>(u, p) - ctr) + o;
   }
 }
 
