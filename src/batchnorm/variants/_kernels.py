@@ -45,39 +45,32 @@ def _load():
     return _loaded["module"]
 
 
-def usable(x: torch.Tensor, *others) -> object | None:
-    """The extension if it can take ``x`` with the per-channel tensors ``others`` (None or
-    contiguous CPU tensors of x's dtype), else None."""
-    if not (x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.dim() >= 2):
-        return None
-    for t in others:
-        if t is not None and not (t.is_cpu and t.dtype == x.dtype and t.is_contiguous()):
-            return None
+def _extension():
     if os.environ.get(SWITCH, "1") == "0":
         return None
-    return _load()
+    return _loaded["module"] if "module" in _loaded else _load()
 
 
 def grouped_train(x, weight, bias, running_mean, running_var, sizes: list[int],
-                  factors: list[float], eps: float, *, renorm: bool = False,
-                  r_max: float = 1.0, d_max: float = 0.0, sigma_average: bool = True):
+                  factors: list[float], eps: float, renorm: bool = False, r_max: float = 1.0,
+                  d_max: float = 0.0, sigma_average: bool = True):
     """Training BN with statistics per group of samples (``sizes`` along dim 0; running
     statistics updated once per group with ``factors``), or, with ``renorm``, Batch
-    Renormalization (one group). ``None`` when the kernels cannot take the call."""
-    ext = usable(x, weight, bias, running_mean, running_var)
+    Renormalization (one group). ``None`` when the kernels cannot take the call (the extension
+    checks devices, dtypes and layouts)."""
+    ext = _extension()
     if ext is None:
         return None
-    return ext.grouped_train(x, weight, bias, running_mean, running_var, list(sizes),
-                             [float(f) for f in factors], float(eps), bool(renorm),
-                             float(r_max), float(d_max), bool(sigma_average))
+    return ext.grouped_train(x, weight, bias, running_mean, running_var, sizes, factors, eps,
+                             renorm, r_max, d_max, sigma_average)
 
 
-def abn_train(x, gamma, bias, running_mean, running_var, momentum: float, eps: float,
+def abn_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
               activation: str, negative_slope: float, alpha: float, inplace: bool):
-    """In-place ABN in training: ``(z, invstd)``, or ``None`` when the kernels cannot take it."""
-    ext = usable(x, gamma, bias, running_mean, running_var)
+    """In-place ABN in training, ``weight`` the raw gamma (the kernels use ``|gamma| + eps``):
+    the output ``z``, or ``None`` when the kernels cannot take the call."""
+    ext = _extension()
     if ext is None:
         return None
-    return ext.abn_train(x, gamma, bias, running_mean, running_var, float(momentum), float(eps),
-                         ACTIVATION_CODES[activation], float(negative_slope), float(alpha),
-                         bool(inplace))
+    return ext.abn_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                         ACTIVATION_CODES[activation], negative_slope, alpha, inplace)

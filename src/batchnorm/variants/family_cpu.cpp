@@ -322,6 +322,20 @@ const T* ptr_or_null(const Opt& t) {
 
 bool given(const Opt& t) { return t.has_value() && t->defined(); }
 
+// Whether the kernels take x with these per-channel tensors: x a float32/float64 CPU tensor of
+// rank >= 2, each given tensor C contiguous CPU values of x's dtype. (Checked here rather than
+// in Python, where the same checks cost microseconds, which matter on small layers.)
+bool takes(const Tensor& x, std::initializer_list<const Opt*> per_channel) {
+  if (!x.device().is_cpu() || x.dim() < 2 ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
+    return false;
+  for (const Opt* t : per_channel)
+    if (given(*t) && (!(*t)->device().is_cpu() || (*t)->scalar_type() != x.scalar_type() ||
+                      !(*t)->is_contiguous() || (*t)->numel() != x.size(1)))
+      return false;
+  return true;
+}
+
 // ------------------------------------------------------------------------------------------
 // grouped_train: Ghost BN and Batch Renormalization
 
@@ -408,9 +422,7 @@ std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const 
   std::vector<double> sums(G * 2 * C);  // sum dy, sum dy (x - mu_T)
   group_sums<kGradBN, kIdentity, T>(sh, bounds, x, dy, map.ctr.data(), ActParams<T>{},
                                     sums.data());
-  Tensor dgamma = at::zeros({C}, xr.options().dtype(at::kDouble));
-  Tensor dbeta = at::zeros({C}, xr.options().dtype(at::kDouble));
-  double *dg = dgamma.data_ptr<double>(), *db = dbeta.data_ptr<double>();
+  std::vector<double> dg(C, 0.0), db(C, 0.0);
   for (int64_t g = 0; g < G; ++g) {
     const double m = double(sizes[g] * sh.S);
     for (int64_t c = 0; c < C; ++c) {
@@ -433,7 +445,10 @@ std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const 
     group_map<kGradBN, kIdentity, T>(sh, group_of_samples(bounds), x, dy, map, ActParams<T>{},
                                      dx.data_ptr<T>());
   }
-  return {dx, dgamma.to(xr.scalar_type()), dbeta.to(xr.scalar_type())};
+  Tensor dgamma = at::empty({C}, xr.options()), dbeta = at::empty({C}, xr.options());
+  std::copy(dg.begin(), dg.end(), dgamma.data_ptr<T>());
+  std::copy(db.begin(), db.end(), dbeta.data_ptr<T>());
+  return {dx, dgamma, dbeta};
 }
 
 // The gradient in x's layout and dtype (an expanded gradient, e.g. of a sum, is materialized).
@@ -529,12 +544,14 @@ class GroupedTrain : public torch::autograd::Function<GroupedTrain> {
   }
 };
 
-Tensor grouped_train(const Tensor& x, const Opt& weight, const Opt& bias, const Opt& running_mean,
-                     const Opt& running_var, std::vector<int64_t> sizes,
-                     std::vector<double> factors, double eps, bool renorm, double r_max,
-                     double d_max, bool sigma_average) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && factors.size() == sizes.size(),
-              "family_cpu.grouped_train: a CPU tensor of rank >= 2 and one factor per group");
+// y, or None when the kernels do not take the call (see takes).
+c10::optional<Tensor> grouped_train(const Tensor& x, const Opt& weight, const Opt& bias,
+                                    const Opt& running_mean, const Opt& running_var,
+                                    std::vector<int64_t> sizes, std::vector<double> factors,
+                                    double eps, bool renorm, double r_max, double d_max,
+                                    bool sigma_average) {
+  if (!takes(x, {&weight, &bias, &running_mean, &running_var})) return c10::nullopt;
+  TORCH_CHECK(factors.size() == sizes.size(), "family_cpu.grouped_train: one factor per group");
   TORCH_CHECK(!renorm || (sizes.size() == 1 && given(running_mean)),
               "family_cpu.grouped_train: renorm needs one group and the running statistics");
   return GroupedTrain::apply(x, weight, bias, running_mean, running_var, sizes, factors, eps,
@@ -561,9 +578,13 @@ void with_activation(int64_t act, Body&& body) {
   }
 }
 
-// Forward into out (x itself for in place); returns invstd (C,) in x's dtype.
+// |weight| + eps: gamma must not be 0 for y -> xhat to be invertible (as in the paper).
+inline double positive_gamma(double w, double eps) { return std::abs(w) + eps; }
+
+// Forward into out (x itself for in place); returns invstd (C,) in x's dtype. The weight is the
+// raw gamma; the layer uses |gamma| + eps.
 template <Act A, typename T>
-Tensor abn_forward(const Tensor& xr, const Opt& gamma, const Opt& bias, const Opt& rm,
+Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const Opt& rm,
                    const Opt& rv, double momentum, double eps, const ActParams<T>& p,
                    Tensor& out) {
   const Shape sh = shape_of(xr);
@@ -572,12 +593,13 @@ Tensor abn_forward(const Tensor& xr, const Opt& gamma, const Opt& bias, const Op
   std::vector<double> mean(C), var(C);
   const T* x = xr.data_ptr<T>();
   moments<T>(sh, bounds, x, mean.data(), var.data());
-  const T *w = ptr_or_null<T>(gamma), *b = ptr_or_null<T>(bias);
+  const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias);
   Tensor invstd = at::empty({C}, xr.options());
   T* is = invstd.data_ptr<T>();
   Coefs<T> map(C);  // z = f((x - mu_T) a + o)
   for (int64_t c = 0; c < C; ++c) {
-    const double inv = 1.0 / std::sqrt(var[c] + eps), sc = (w ? double(w[c]) : 1.0) * inv;
+    const double inv = 1.0 / std::sqrt(var[c] + eps);
+    const double sc = (w ? positive_gamma(double(w[c]), eps) : 1.0) * inv;
     is[c] = T(inv);
     map.ctr[c] = T(mean[c]);
     map.a[c] = T(sc);
@@ -596,18 +618,19 @@ Tensor abn_forward(const Tensor& xr, const Opt& gamma, const Opt& bias, const Op
   return invstd;
 }
 
-// Backward from z without a graph: (dx, dgamma, dbeta). dinvstd (or undefined) is the gradient
-// reaching the returned invstd: dinvstd/dx = -invstd^2 xhat / m.
+// Backward from z without a graph: (dx, dweight, dbeta), with dweight = sign(w) dL/dgamma
+// (0 at w = 0, as torch's abs). dinvstd (or undefined) is the gradient reaching the returned
+// invstd: dinvstd/dx = -invstd^2 xhat / m.
 template <Act A, typename T>
-std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt& gamma,
+std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt& weight,
                                  const Opt& bias, const Tensor& invstd_t, const Tensor& dinvstd,
-                                 const ActParams<T>& p) {
+                                 double eps, const ActParams<T>& p) {
   const Shape sh = shape_of(zr);
   const std::vector<int64_t> bounds{0, sh.N};
   const int64_t C = sh.C;
   const double m = double(sh.N * sh.S);
   const T *z = zr.data_ptr<T>(), *dz = dzr.data_ptr<T>();
-  const T *w = ptr_or_null<T>(gamma), *b = ptr_or_null<T>(bias), *is = invstd_t.data_ptr<T>();
+  const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias), *is = invstd_t.data_ptr<T>();
   Coefs<T> map(C);  // dx = a dz f'(z) + b (f^-1(z) - beta) + o
   for (int64_t c = 0; c < C; ++c) map.ctr[c] = b ? b[c] : T(0);
   std::vector<double> sums(2 * C);  // sum dy, sum dy (y - beta)
@@ -616,9 +639,9 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
   T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
   const Tensor di = dinvstd.defined() ? dinvstd.to(at::kDouble).contiguous() : Tensor();
   for (int64_t c = 0; c < C; ++c) {
-    const double g = w ? double(w[c]) : 1.0, inv = double(is[c]);
-    const double dgam = sums[C + c] / g;  // sum dy xhat
-    dg[c] = T(dgam);
+    const double g = w ? positive_gamma(double(w[c]), eps) : 1.0, inv = double(is[c]);
+    const double dgam = sums[C + c] / g;  // sum dy xhat = dL/dgamma
+    dg[c] = w ? T(w[c] > T(0) ? dgam : (w[c] < T(0) ? -dgam : 0.0)) : T(dgam);
     db[c] = T(sums[c]);
     double k1 = -inv * dgam / m;
     if (di.defined()) k1 -= di.data_ptr<double>()[c] * inv * inv / (m * g);
@@ -635,7 +658,7 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
 class ABNTrain : public torch::autograd::Function<ABNTrain> {
  public:
   static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const Tensor& x, const Opt& gamma, const Opt& bias,
+      torch::autograd::AutogradContext* ctx, const Tensor& x, const Opt& weight, const Opt& bias,
       const Opt& rm, const Opt& rv, double momentum, double eps, int64_t act, double slope,
       double alpha, bool inplace) {
     const Tensor xr = in_place_order(x);
@@ -644,12 +667,13 @@ class ABNTrain : public torch::autograd::Function<ABNTrain> {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "abn_forward", [&] {
       with_activation(act, [&](auto a) {
         invstd = abn_forward<decltype(a)::value, scalar_t>(
-            xr, gamma, bias, rm, rv, momentum, eps, act_params<scalar_t>(slope, alpha), z);
+            xr, weight, bias, rm, rv, momentum, eps, act_params<scalar_t>(slope, alpha), z);
       });
     });
     if (overwrite) ctx->mark_dirty({x});
-    ctx->save_for_backward({z, given(gamma) ? *gamma : Tensor(), given(bias) ? *bias : Tensor(),
-                            invstd});
+    ctx->save_for_backward({z, given(weight) ? *weight : Tensor(),
+                            given(bias) ? *bias : Tensor(), invstd});
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["slope"] = slope;
     ctx->saved_data["alpha"] = alpha;
@@ -659,26 +683,27 @@ class ABNTrain : public torch::autograd::Function<ABNTrain> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &z = saved[0], &gamma = saved[1], &bias = saved[2], &invstd = saved[3];
+    const Tensor &z = saved[0], &weight = saved[1], &bias = saved[2], &invstd = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t act = ctx->saved_data["act"].toInt();
     const double slope = ctx->saved_data["slope"].toDouble();
     const double alpha = ctx->saved_data["alpha"].toDouble();
     const Tensor dz = grads[0].defined() ? grads[0] : at::zeros_like(z);
     std::vector<Tensor> d;
     if (at::GradMode::is_enabled()) {
-      d = differentiable(dz, grads[1], z, gamma, bias, invstd, act, slope, alpha);
+      d = differentiable(dz, grads[1], z, weight, bias, invstd, eps, act, slope, alpha);
     } else {
       const Tensor zr = in_place_order(z);
-      const Opt g = gamma.defined() ? Opt(gamma) : c10::nullopt;
+      const Opt g = weight.defined() ? Opt(weight) : c10::nullopt;
       const Opt b = bias.defined() ? Opt(bias) : c10::nullopt;
       AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "abn_backward", [&] {
         with_activation(act, [&](auto a) {
-          d = abn_backward<decltype(a)::value, scalar_t>(like(dz, zr), zr, g, b, invstd, grads[1],
-                                                         act_params<scalar_t>(slope, alpha));
+          d = abn_backward<decltype(a)::value, scalar_t>(
+              like(dz, zr), zr, g, b, invstd, grads[1], eps, act_params<scalar_t>(slope, alpha));
         });
       });
     }
-    const bool has_gamma = gamma.defined(), has_bias = bias.defined();
+    const bool has_gamma = weight.defined(), has_bias = bias.defined();
     const Tensor none;
     return {ctx->needs_input_grad(0) ? d[0] : none,
             has_gamma && ctx->needs_input_grad(1) ? d[1] : none,
@@ -690,9 +715,9 @@ class ABNTrain : public torch::autograd::Function<ABNTrain> {
   // y = f^-1(z) and dy = dz f'(y) in differentiable operations of z (a saved output, so a double
   // backward reaches x through this Function again), then the closed form.
   static std::vector<Tensor> differentiable(const Tensor& dz, const Tensor& dinvstd,
-                                            const Tensor& z, const Tensor& gamma,
-                                            const Tensor& bias, const Tensor& invstd, int64_t act,
-                                            double slope, double alpha) {
+                                            const Tensor& z, const Tensor& weight,
+                                            const Tensor& bias, const Tensor& invstd, double eps,
+                                            int64_t act, double slope, double alpha) {
     const auto dims = reduce_dims(z);
     const auto view = channel_view(z);
     const double m = double(z.numel() / z.size(1));
@@ -709,23 +734,23 @@ class ABNTrain : public torch::autograd::Function<ABNTrain> {
       y = at::where(positive, z, at::log1p((z / alpha).clamp_min(floor)));
       dy = at::where(positive, dz, dz * (z + alpha));
     }
-    const Tensor g = gamma.defined() ? gamma : at::ones_like(invstd);
+    const Tensor g = weight.defined() ? weight.abs() + eps : at::ones_like(invstd);
     const Tensor u = bias.defined() ? y - bias.view(view) : y;  // gamma xhat
     const Tensor dbeta = dy.sum(dims), dgamma = (dy * u).sum(dims) / g;
     const Tensor gain = (g * invstd).view(view);
     Tensor dx = gain * dy - (invstd * dgamma / m).view(view) * u - (gain * dbeta.view(view)) / m;
     if (dinvstd.defined()) dx = dx - (dinvstd * invstd * invstd / (g * m)).view(view) * u;
-    return {dx, dgamma, dbeta};
+    return {dx, weight.defined() ? dgamma * weight.sign() : dgamma, dbeta};
   }
 };
 
-std::vector<Tensor> abn_train(const Tensor& x, const Opt& gamma, const Opt& bias,
-                              const Opt& running_mean, const Opt& running_var, double momentum,
-                              double eps, int64_t act, double slope, double alpha, bool inplace) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2,
-              "family_cpu.abn_train: a CPU tensor of rank >= 2");
-  return ABNTrain::apply(x, gamma, bias, running_mean, running_var, momentum, eps, act, slope,
-                         alpha, inplace);
+// z, or None when the kernels do not take the call (see takes).
+c10::optional<Tensor> abn_train(const Tensor& x, const Opt& weight, const Opt& bias,
+                                const Opt& running_mean, const Opt& running_var, double momentum,
+                                double eps, int64_t act, double slope, double alpha, bool inplace) {
+  if (!takes(x, {&weight, &bias, &running_mean, &running_var})) return c10::nullopt;
+  return ABNTrain::apply(x, weight, bias, running_mean, running_var, momentum, eps, act, slope,
+                         alpha, inplace)[0];
 }
 
 }  // namespace

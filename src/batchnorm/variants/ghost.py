@@ -86,20 +86,23 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None,
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps,
                           activation=activation, residual=residual, backend=backend)
     sizes = ghost_batch_sizes(input.shape[0], ghost_batch_size)
-    per_channel = input[: sizes[0]].numel() // input.shape[1] if input.shape[1] else 0
+    per_channel = sizes[0] * (input.numel() // (input.shape[0] * input.shape[1])) \
+        if input.numel() else 0
     if per_channel < 2:
         raise ValueError(
             f"{who}: ghost_batch_size={ghost_batch_size} leaves {per_channel} value per channel "
             f"in a virtual batch of input shape {tuple(input.shape)}; batch statistics need at "
             "least 2, so use ghost_batch_size >= 2 for input without spatial dimensions"
         )
-    update = running_mean is not None
-    factors = [0.0] * len(sizes)
-    if update:
-        done = int(num_batches_tracked) if num_batches_tracked is not None else 0
-        factors = [1.0 / (done + i + 1) if cumulative else momentum for i in range(len(sizes))]
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(len(sizes))
+    if running_mean is None:
+        factors = [0.0] * len(sizes)
+    elif cumulative:  # 1 / (number of virtual batches averaged so far, this one included)
+        done = int(num_batches_tracked)
+        factors = [1.0 / (done + i) for i in range(1, len(sizes) + 1)]
+    else:
+        factors = [momentum] * len(sizes)
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(len(sizes))
     if len(sizes) == 1:
         return batch_norm(input, running_mean, running_var, weight, bias, True, factors[0], eps,
                           activation=activation, residual=residual, backend=backend)

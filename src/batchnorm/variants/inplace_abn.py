@@ -202,17 +202,20 @@ def inplace_activated_batch_norm(
     check_as(who, input, running_mean, running_var, weight, bias, training, momentum, eps,
              None, None)
     check_activation_args(who, activation, negative_slope, alpha)
+    if training:  # the fused kernels take the raw weight and use |weight| + eps themselves
+        z = _kernels.abn_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                               activation, negative_slope, alpha, inplace)
+        if z is not None:
+            return z
     gamma = effective_gamma(weight, eps)
     if not training:
         y = batch_norm(input, running_mean, running_var, gamma, bias, False, 0.0, eps,
                        backend="torch")
         return _activate_(y, activation, negative_slope, alpha)
-    args = (input, gamma, bias, running_mean, running_var, float(momentum), float(eps))
-    options = (activation, float(negative_slope), float(alpha), bool(inplace))
-    out = _kernels.abn_train(*args, *options)
-    if out is None:
-        out = InPlaceABNFunction.apply(*args, *options)
-    return out[0]
+    z, _ = InPlaceABNFunction.apply(input, gamma, bias, running_mean, running_var,
+                                    float(momentum), float(eps), activation,
+                                    float(negative_slope), float(alpha), bool(inplace))
+    return z
 
 
 class _InPlaceABN:

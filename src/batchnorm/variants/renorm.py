@@ -236,7 +236,10 @@ class _RenormMixin:
             return super().forward(input, residual)
         self._check_input_dim(input)
         buffers = self._buffers
-        r_max, d_max = self.bounds(int(buffers["num_batches_tracked"]))
+        if callable(self.r_max) or callable(self.d_max):  # a schedule: needs the step
+            r_max, d_max = self.bounds(int(buffers["num_batches_tracked"]))
+        else:  # fixed bounds, checked by batch_renorm
+            r_max, d_max = self.r_max, self.d_max
         factor = self._averaging_factor(buffers["num_batches_tracked"])
         return batch_renorm(
             input, buffers["running_mean"], buffers["running_var"], self.weight, self.bias,
