@@ -305,3 +305,53 @@ def test_bad_arguments_name_the_argument():
         BatchRenorm2d(3)(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"r_max_step must be an int > warmup=5000"):
         renorm_schedule(r_max_step=100)
+
+
+# --------------------------------------------------------------------------------------------
+# synchronized across processes
+
+
+def _sync_world(rank, world, state, batches, grads, sizes):
+    """Each process: two training steps of SyncBatchRenorm on its shard; what it computed."""
+    from batchnorm.variants import SyncBatchRenorm
+
+    local = BatchRenorm2d(3, r_max=1.5, d_max=0.5, momentum=0.2, dtype=torch.float64)
+    local.load_state_dict(state)
+    layer = SyncBatchRenorm.from_batchnorm(local)
+    out = []
+    for x, dy in zip(batches, grads, strict=True):
+        x = x.split(sizes)[rank].clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(x)
+        y.backward(dy.split(sizes)[rank])
+        out.append(dict(y=y.detach(), dx=x.grad, dw=layer.weight.grad.clone(),
+                        db=layer.bias.grad.clone(), mean=layer.running_mean.clone(),
+                        var=layer.running_var.clone()))
+    assert type(layer.to_batchnorm()) is BatchRenorm2d
+    return out
+
+
+@pytest.mark.distributed
+def test_sync_batch_renorm_equals_single_process_on_the_whole_batch(tmp_path):
+    from multiproc import spawn
+
+    gen = torch.Generator().manual_seed(11)
+    single = _renorm_module("2d", torch.float64, gen, r_max=1.5, d_max=0.5, momentum=0.2)
+    state = copy.deepcopy(single.state_dict())
+    batches = [make_input("2d", gen, shape=(8, 3, 4, 4)) for _ in range(2)]
+    grads = [torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    sizes = [5, 3]
+    results = spawn(tmp_path, 2, _sync_world, state, batches, grads, sizes)
+    for step, (x, dy) in enumerate(zip(batches, grads, strict=True)):
+        x = x.clone().requires_grad_()
+        single.zero_grad()
+        y = single(x)
+        y.backward(dy)
+        per_rank = [r[step] for r in results]
+        assert rel_err(torch.cat([r["y"] for r in per_rank]), y) < 1e-13
+        assert rel_err(torch.cat([r["dx"] for r in per_rank]), x.grad) < 1e-12
+        assert rel_err(sum(r["dw"] for r in per_rank), single.weight.grad) < 1e-12
+        assert rel_err(sum(r["db"] for r in per_rank), single.bias.grad) < 1e-12
+        for r in per_rank:
+            assert rel_err(r["mean"], single.running_mean) < 1e-14
+            assert rel_err(r["var"], single.running_var) < 1e-14

@@ -217,8 +217,8 @@ class _RenormMixin:
             if not (callable(value) or is_number(value)):
                 raise TypeError(f"{name}: {bound} must be a number or a callable of the step "
                                 f"(e.g. renorm_schedule()[{bound!r}]), got {value!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         activation=activation, backend=backend)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, activation=activation, backend=backend)
         self.r_max, self.d_max, self.running_average = r_max, d_max, running_average
         self.bounds(0)  # a fixed bound out of range fails here, not at the first step
 
