@@ -11,7 +11,9 @@ import torch
 from conftest import rel_err
 from torch import nn
 
+import batchnorm
 import batchnorm.variants as variants
+from batchnorm import reference as bn_ref
 
 # name -> (rank of the module: 1, 2 or 3; input shape); channels_last for 4D/5D where named so
 KINDS = {
@@ -93,6 +95,31 @@ def select_path(monkeypatch, path: str) -> None:
     """Run the variants (and core BN) through ATen operations for ``path="aten"``."""
     if path == "aten":
         monkeypatch.setenv("BATCHNORM_CPU_KERNELS", "0")
+
+
+def check_fold_and_recalibrate(layer: nn.Module, fold: bool = True):
+    """Conv -> ``layer`` -> ReLU, trained a few steps: ``batchnorm.fold`` keeps the eval output,
+    ``batchnorm.recalibrate`` sets the population statistics of the reference (Algorithm 2).
+    Returns the (eval-mode, recalibrated) model and an input."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), layer, nn.ReLU()).double()
+    randomize(layer, torch.Generator().manual_seed(2))
+    batches = [torch.randn(6, 2, 5, 5, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    for x in batches:
+        model(x)
+    model.eval()
+    x = batches[0]
+    if fold:
+        folded = batchnorm.fold(model)
+        assert isinstance(folded[1], nn.Identity)
+        assert rel_err(folded(x), model(x)) < 1e-13
+    batchnorm.recalibrate(model, batches, progress=False)
+    with torch.no_grad():
+        stats = [bn_ref.batch_statistics(model[0](b).numpy()) for b in batches]
+    mean, var = bn_ref.population_statistics(*zip(*stats, strict=True))
+    check(layer.running_mean, mean, 1e-13, "population mean")
+    check(layer.running_var, var, 1e-13, "population variance")
+    return model, x
 
 
 def module_class(prefix: str, rank: int):

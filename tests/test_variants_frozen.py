@@ -155,3 +155,15 @@ def test_gradcheck():
     x = make_input("2d", gen).requires_grad_()
     assert torch.autograd.gradcheck(frozen, (x,))
     assert torch.autograd.gradgradcheck(frozen, (x,))
+
+
+def test_fold_parts_give_the_same_map():
+    """What batchnorm.fold needs (see the integration notes): y = act(scale x + shift)."""
+    gen = torch.Generator().manual_seed(4)
+    bn = batchnorm.BatchNorm2d(3, activation="relu", dtype=torch.float64)
+    randomize(bn, gen, signed=True)
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+    scale, shift, activation = frozen.fold_parts()
+    x = make_input("2d", gen)
+    y = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    assert activation == "relu" and rel_err(frozen(x), y) < 1e-14

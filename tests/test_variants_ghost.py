@@ -122,6 +122,10 @@ def test_activation_residual_and_no_running_stats(one_thread):
     assert "ghost_batch_size=2" in repr(untracked)
 
 
+def test_fold_and_recalibrate():
+    vc.check_fold_and_recalibrate(GhostBatchNorm2d(3, ghost_batch_size=2))
+
+
 def test_bad_arguments_name_the_argument():
     x = torch.randn(6, 3)
     for bad in (0, -2, 2.0, True, "4"):

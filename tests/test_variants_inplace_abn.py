@@ -170,6 +170,13 @@ def test_elu_inverse_error_and_gradients():
     check(w.grad, dgamma, 1e-4, "dgamma")
 
 
+def test_recalibrate():
+    """recalibrate measures BN's input, as for plain BN. (batchnorm.fold needs the patch in the
+    integration notes: it would fold the raw weight instead of |weight| + eps; fold_parts is
+    tested above.)"""
+    vc.check_fold_and_recalibrate(InPlaceABN2d(3, negative_slope=0.2), fold=False)
+
+
 def test_bad_arguments_name_the_argument():
     for bad in ("relu", "sigmoid", "tanh", "silu"):
         with pytest.raises(ValueError, match=rf"activation='{bad}' is not invertible.*"

@@ -74,6 +74,13 @@ class FrozenBatchNorm(nn.Module):
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         return scale, self.bias - self.running_mean * scale
 
+    @torch.no_grad()
+    def fold_parts(self):
+        """``(scale, shift, activation)`` with ``y = activation(scale x + shift)``, scale and
+        shift in float64 (for :func:`batchnorm.fold`; activation None, a name or a module)."""
+        scale = self.weight.double() * torch.rsqrt(self.running_var.double() + self.eps)
+        return scale, self.bias.double() - self.running_mean.double() * scale, self.activation
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
