@@ -28,6 +28,13 @@ after one step of ``k`` virtual batches
 virtual batches one after another gives (the authors' own experiments ran BN on chunks of the
 batch). ``momentum=None`` is the cumulative average over all virtual batches, so the modules'
 ``num_batches_tracked`` counts virtual batches.
+
+Implementation: on the CPU (float32/float64) one call of the variants' fused kernels computes
+the statistics of every (virtual batch, channel) in one pass and the backward per virtual
+batch, reading the input where it lies (:mod:`._kernels`); elsewhere each virtual batch goes
+through :func:`batchnorm.functional.batch_norm` (so the Triton backend serves CUDA tensors) and
+the outputs are concatenated. A single virtual batch is always plain BN (the same call).
+Double backward works on both paths.
 """
 
 from __future__ import annotations

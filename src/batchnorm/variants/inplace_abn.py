@@ -37,6 +37,12 @@ from ``z`` directly), and BN's outputs rarely go below -10, so gradients stay ac
 recovered; ``sigmoid`` and ``tanh`` are injective but saturate to 1 in floating point from
 ``|y| ~ 9`` (float32), losing ``y`` there: all four raise ValueError.
 
+Implementation: on the CPU (float32/float64) the variants' fused kernels (:mod:`._kernels`):
+statistics in one pass, the affine map and activation in another; the backward's two per-channel
+sums in one pass over ``(z, dz)``, ``dx`` in a second, recovering ``y`` per element. Elsewhere
+:class:`InPlaceABNFunction` does the same in ATen operations. Either saves only ``z``, the
+(raw) weight, the bias and the per-channel ``1/sqrt(var + eps)``.
+
 Double backward is supported: the backward is written in differentiable operations of the
 saved output ``z`` and the per-channel ``1/sqrt(var + eps)``, which the Function also returns,
 so that autograd differentiates through them back to ``x`` (tested with gradgradcheck).

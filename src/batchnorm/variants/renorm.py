@@ -16,10 +16,14 @@ moving averages ``mu`` and ``sigma`` as they were before this step:
 ``y = gamma (x - mu) / sigma + beta``, BN's affine map. ``r_max = 1, d_max = 0`` is exactly BN.
 
 Implementation: with r and d fixed, ``y = (gamma r) xhat_B + (gamma d + beta)`` is plain BN with
-weight ``gamma r`` and bias ``gamma d + beta``, so :func:`batchnorm.functional.batch_norm` (the
-fused kernels) and autograd give exactly the paper's gradients: ``dx`` of BN with weight
-``gamma r``, ``dgamma = r dw' + d db'``, ``dbeta = db'`` (section 3's formulas; tested against
-:mod:`batchnorm.variants.reference`). Double backward works as BN's does.
+weight ``gamma r`` and bias ``gamma d + beta``, so BN's closed-form backward with that weight gives
+exactly the paper's gradients: ``dx`` of BN with weight ``gamma r``, ``dgamma = r dw' + d db'``,
+``dbeta = db'`` (section 3's formulas; tested against :mod:`batchnorm.variants.reference`). On
+the CPU (float32/float64) the variants' fused kernels do this in one call (statistics once,
+r, d and the moving averages in C++, :mod:`._kernels`); elsewhere the batch statistics are
+taken without gradient and :func:`batchnorm.functional.batch_norm` runs with the effective
+weight and bias, autograd supplying ``dgamma = r dw' + d db'``. Double backward works on both
+paths (r and d constants).
 
 Moving averages and torch's buffers. ``running_mean`` holds mu. ``running_var`` holds
 ``sigma^2 - eps``, so that BN's inference map ``(x - running_mean) / sqrt(running_var + eps)``
