@@ -172,3 +172,32 @@ def test_bfloat16_runs_on_the_aten_path(variant):
         outs.append((y, xi.grad, m.weight.grad))
     for a, b in zip(*outs, strict=True):
         assert rel_err(b, a) < 3e-2
+
+
+@pytest.mark.parametrize("variant", sorted(CONSTRUCTORS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernels_accurate_with_a_large_offset_and_deterministic(variant, layout):
+    """float32 data with mean 1e4 and std 1: the one-pass statistics (shifted by a value of the
+    same channel) lose nothing; and the results do not depend on the number of threads."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, 5, 5, generator=gen, dtype=torch.float64) + 1e4
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x32 = x.float().contiguous(memory_format=fmt)
+    expected = None
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            m = CONSTRUCTORS[variant](2, 4)
+            xi = x32.clone().requires_grad_()
+            y = m(xi)
+            y.backward(torch.cos(y.detach()))
+            results = (y, xi.grad, m.weight.grad, m.running_var)
+            if expected is None:
+                expected = results
+                m64 = CONSTRUCTORS[variant](2, 4).double()
+                assert rel_err(y, m64(x32.double())) < 5e-7  # the same (rounded) input
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(results, expected, strict=True))
+    finally:
+        torch.set_num_threads(threads)
