@@ -127,6 +127,23 @@ def ghost_batch_norm(input, running_mean, running_var, weight=None, bias=None,
     return torch.cat(outputs)
 
 
+def ghost_forward(module, input: torch.Tensor, residual: torch.Tensor | None = None):
+    """A BN module's training forward with ghost batches (``module.ghost_batch_size`` samples;
+    the module computes with batch statistics): the running statistics, when kept, are updated
+    per virtual batch and ``num_batches_tracked`` counts virtual batches. This is the branch
+    ``batchnorm.BatchNorm*d(..., ghost_batch_size=g)`` takes (see :class:`GhostMixin`)."""
+    module._check_input_dim(input)
+    buffers = module._buffers
+    update = module.training and module.track_running_stats
+    return ghost_batch_norm(
+        input, buffers["running_mean"] if update else None,
+        buffers["running_var"] if update else None, module.weight, module.bias, True,
+        module.momentum if update else 0.0, module.eps, ghost_batch_size=module.ghost_batch_size,
+        num_batches_tracked=buffers["num_batches_tracked"] if update else None,
+        activation=module.activation, residual=residual, backend=module.backend,
+    )
+
+
 class GhostMixin:
     """Ghost BN over our BN modules. The keyword-only ``ghost_batch_size`` (``None``: plain BN)
     applies whenever the layer normalizes with batch statistics (training, or no running
@@ -140,19 +157,11 @@ class GhostMixin:
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        use_batch_stats = self.training or (buffers["running_mean"] is None
+                                            and buffers["running_var"] is None)
         if self.ghost_batch_size is None or not use_batch_stats:
             return super().forward(input, residual)
-        self._check_input_dim(input)
-        update = self.training and self.track_running_stats
-        return ghost_batch_norm(
-            input, running_mean if update else None, running_var if update else None,
-            self.weight, self.bias, True, self.momentum if update else 0.0, self.eps,
-            ghost_batch_size=self.ghost_batch_size,
-            num_batches_tracked=buffers["num_batches_tracked"] if update else None,
-            activation=self.activation, residual=residual, backend=self.backend,
-        )
+        return ghost_forward(self, input, residual)
 
     def variant_kwargs(self) -> dict:
         return dict(ghost_batch_size=self.ghost_batch_size)
