@@ -167,7 +167,9 @@ class GhostMixin:
         return dict(ghost_batch_size=self.ghost_batch_size)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+        text = super().extra_repr()  # (once our BN modules take ghost_batch_size, they show it)
+        return text if "ghost_batch_size=" in text else \
+            f"{text}, ghost_batch_size={self.ghost_batch_size}"
 
 
 class GhostBatchNorm1d(GhostMixin, BatchNorm1d):
