@@ -338,3 +338,14 @@ def test_sync_batch_renorm_equals_single_process_on_the_whole_batch(tmp_path):
         for r in per_rank:
             assert rel_err(r["mean"], single.running_mean) < 1e-14
             assert rel_err(r["var"], single.running_var) < 1e-14
+
+
+def test_to_renorm_leaves_other_variants():
+    from batchnorm.variants import GhostBatchNorm2d, InPlaceABN2d
+
+    model = nn.Sequential(GhostBatchNorm2d(3, ghost_batch_size=2), InPlaceABN2d(3),
+                          BatchRenorm2d(3, r_max=2.0, d_max=1.0), nn.BatchNorm2d(3))
+    kinds = [type(m) for m in model[:3]]
+    to_renorm(model)
+    assert [type(m) for m in model] == [*kinds, BatchRenorm2d]
+    assert model[2].r_max == 2.0

@@ -52,6 +52,7 @@ from torch import nn
 
 from batchnorm.variants import _kernels
 from batchnorm.variants._core import (
+    OURS,
     TORCH_BATCHNORMS,
     BatchNorm1d,
     BatchNorm2d,
@@ -292,8 +293,9 @@ _KEEP = object()
 def to_renorm(model: nn.Module, *, r_max: Bound = PAPER_SCHEDULE["r_max"],
               d_max: Bound = PAPER_SCHEDULE["d_max"], running_average: str = "sigma",
               momentum=_KEEP) -> nn.Module:
-    """Replace every ``BatchNorm1d/2d/3d`` (torch's or ours) in ``model`` by the BatchRenorm of
-    the same rank, in place; returns the model (or the replacement if ``model`` is one).
+    """Replace every plain ``BatchNorm1d/2d/3d`` (torch's or ours; other variants stay) in
+    ``model`` by the BatchRenorm of the same rank, in place; returns the model (or the
+    replacement if ``model`` is one).
 
     Parameters and buffers are shared, not copied (an optimizer built before keeps working);
     mode, eps, affine, fused activation and backend carry over, and so does momentum unless
@@ -303,8 +305,9 @@ def to_renorm(model: nn.Module, *, r_max: Bound = PAPER_SCHEDULE["r_max"],
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_renorm: model must be a torch.nn.Module, got {type(model).__name__}")
+    plain = (*TORCH_BATCHNORMS, *OURS.values())  # not the other variants (ghost, in-place ABN)
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, TORCH_BATCHNORMS) and not isinstance(m, _RenormMixin)]
+               if type(m) in plain and getattr(m, "ghost_batch_size", None) is None]
     for name, module in targets:
         if not module.track_running_stats:
             raise ValueError(f"to_renorm: BN layer {name or 'model'!r} has "
