@@ -1,0 +1,76 @@
+"""The variants' fused CPU kernels (``family_cpu.cpp``): Ghost BN, Batch Renormalization and
+in-place ABN in training, each with its C++ autograd Function.
+
+Compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
+under ``~/.cache/torch_extensions`` by a name that carries a hash of the source, the flags and
+the torch version). The entry points return ``None`` when the kernels cannot take a call
+(other devices or dtypes, mixed dtypes, no compiler, or ``BATCHNORM_CPU_KERNELS=0``, the switch
+the core kernels also obey); the callers then use their ATen implementations, which compute
+the same formulas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("family_cpu.cpp")
+SWITCH = "BATCHNORM_CPU_KERNELS"
+ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
+_loaded: dict = {}
+
+
+def _load():
+    if "module" in _loaded:
+        return _loaded["module"]
+    _loaded["module"] = None
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # selects may compute both sides
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([*flags, torch.__version__]).encode())
+    try:
+        from torch.utils.cpp_extension import load
+
+        _loaded["module"] = load(name=f"batchnorm_family_{tag.hexdigest()[:12]}",
+                                 sources=[str(SOURCE)], extra_cflags=flags,
+                                 extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler or headers: the ATen paths still work
+        warnings.warn(f"batchnorm.variants: the CPU kernels could not be compiled ({error}); "
+                      f"using ATen operations (slower, same results). Set {SWITCH}=0 to "
+                      "silence this.", RuntimeWarning, stacklevel=3)
+    return _loaded["module"]
+
+
+def _extension():
+    if os.environ.get(SWITCH, "1") == "0":
+        return None
+    return _loaded["module"] if "module" in _loaded else _load()
+
+
+def grouped_train(x, weight, bias, running_mean, running_var, sizes: list[int],
+                  factors: list[float], eps: float, renorm: bool = False, r_max: float = 1.0,
+                  d_max: float = 0.0, sigma_average: bool = True):
+    """Training BN with statistics per group of samples (``sizes`` along dim 0; running
+    statistics updated once per group with ``factors``), or, with ``renorm``, Batch
+    Renormalization (one group). ``None`` when the kernels cannot take the call (the extension
+    checks devices, dtypes and layouts)."""
+    ext = _extension()
+    if ext is None:
+        return None
+    return ext.grouped_train(x, weight, bias, running_mean, running_var, sizes, factors, eps,
+                             renorm, r_max, d_max, sigma_average)
+
+
+def abn_train(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+              activation: str, negative_slope: float, alpha: float, inplace: bool):
+    """In-place ABN in training, ``weight`` the raw gamma (the kernels use ``|gamma| + eps``):
+    the output ``z``, or ``None`` when the kernels cannot take the call."""
+    ext = _extension()
+    if ext is None:
+        return None
+    return ext.abn_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                         ACTIVATION_CODES[activation], negative_slope, alpha, inplace)
