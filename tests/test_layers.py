@@ -45,6 +45,7 @@ LAYERS = {
     "batchnorm.modules": MODULES,
     "batchnorm.swap": MODULES,
     "batchnorm.variants": MODULES,
+    "batchnorm.variants.renorm_sync": DISTRIBUTED,  # Batch Renorm over processes
     "batchnorm.distributed": DISTRIBUTED,
     "batchnorm.inference": TOOLS,
     "batchnorm.known_layers": TOOLS,

@@ -227,8 +227,7 @@ def test_after_integration_bn_modules_take_ghost_batch_size():
 
 def test_after_integration_fold_uses_fold_parts():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3), variants.FrozenBatchNorm2d(3)).double().eval()
-    if not batchnorm.fold(conv, report=True)[1].folded:
-        pytest.skip("batchnorm.fold does not fold frozen BN yet (integration patch C)")
+    assert batchnorm.fold(conv, report=True)[1].folded
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=gen)
     layers = [variants.InPlaceABN2d(3, negative_slope=0.2),
@@ -253,14 +252,15 @@ def test_after_integration_convert_to_renorm_and_sync():
                           variants.GhostBatchNorm2d(3, ghost_batch_size=2),
                           variants.InPlaceABN2d(3))
     weight = model[1].weight
-    try:
-        model = batchnorm.convert(model, to="renorm", r_max=2.0, d_max=1.0)
-    except (ValueError, TypeError):
-        pytest.skip("convert does not take to='renorm' yet (integration patch C)")
+    model = batchnorm.convert(model, to="renorm", r_max=2.0, d_max=1.0)
     assert type(model[1]) is variants.BatchRenorm2d and model[1].weight is weight
-    synced = batchnorm.convert(model, sync=True)
-    assert type(synced[1]) is variants.SyncBatchRenorm and synced[1].r_max == 2.0
-    assert type(synced[2]) is variants.GhostBatchNorm2d  # ghost and in-place ABN stay local
-    assert type(synced[3]) is variants.InPlaceABN2d
-    back = batchnorm.convert(synced, to="batchnorm")
-    assert type(back[1]) is variants.BatchRenorm2d and back[1].weight is weight
+    # convert(sync=True) knows plain BN only: it leaves every variant as it is and says why;
+    # a synchronized renorm layer is built from the renorm layer itself
+    synced, report = batchnorm.convert(model, sync=True, report=True)
+    assert [type(m) for m in synced[1:]] == [variants.BatchRenorm2d, variants.GhostBatchNorm2d,
+                                           variants.InPlaceABN2d]
+    assert [name for name, _ in report.skipped] == ["1", "2", "3"]
+    sync = batchnorm.SyncBatchRenorm.from_batchnorm(model[1])
+    assert sync.r_max == 2.0 and sync.weight is weight
+    with pytest.raises(ValueError, match="renorm"):
+        batchnorm.convert(model, to="renorm", sync=True)

@@ -22,6 +22,23 @@ from batchnorm.distributed import SyncBatchNorm
 from batchnorm.functional import batch_norm
 from batchnorm.inference import ConvertReport, FoldReport, convert, fold, recalibrate
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    InPlaceABN1d,
+    InPlaceABN2d,
+    InPlaceABN3d,
+    freeze,
+    unfreeze,
+)
+from batchnorm.variants.renorm_sync import SyncBatchRenorm
 
 __version__ = "0.1.0"
 
@@ -29,6 +46,21 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "InPlaceABN1d",
+    "InPlaceABN2d",
+    "InPlaceABN3d",
+    "SyncBatchRenorm",
+    "freeze",
+    "unfreeze",
     "ConvertReport",
     "FoldReport",
     "SyncBatchNorm",

@@ -123,9 +123,14 @@ def _describe(old: nn.Module, new: nn.Module) -> str:
 
 def convert(
     model: nn.Module, to: str = "batchnorm", *, sync: bool = False, process_group=None,
-    fused: bool = False, report: bool = False,
+    fused: bool = False, report: bool = False, **renorm_options,
 ):
     """Replace the BN layers of ``model`` in place; return the model (or ``(model, report)``).
+
+    ``to="renorm"`` turns every plain ``BatchNorm1d/2d/3d`` (torch's or ours) into Batch
+    Renormalization (:func:`batchnorm.variants.to_renorm`, whose keyword arguments ``r_max``,
+    ``d_max``, ``running_average`` and ``momentum`` it passes on); it takes neither ``sync``
+    nor ``fused`` nor ``report`` (use :class:`batchnorm.SyncBatchRenorm` directly).
 
     ``to="batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d`` into ours; ``to="torch"`` turns ours
     back. ``sync=True`` turns every BN layer (torch's or ours) into
@@ -148,8 +153,17 @@ def convert(
         fused: convert BN subclasses with a built-in activation too (see above).
         report: return ``(model, ConvertReport)`` instead of the model.
     """
+    if to == "renorm":
+        if sync or fused or report:
+            raise ValueError("convert(to='renorm') takes none of sync, fused, report; build "
+                             "batchnorm.SyncBatchRenorm layers for synchronized renorm")
+        from batchnorm.variants import to_renorm
+
+        return to_renorm(model, **renorm_options)
+    if renorm_options:
+        raise TypeError(f"convert: {sorted(renorm_options)} are options of to='renorm' only")
     if to not in ("batchnorm", "torch"):
-        raise ValueError(f"convert: to must be 'batchnorm' or 'torch', got {to!r}")
+        raise ValueError(f"convert: to must be 'batchnorm', 'torch' or 'renorm', got {to!r}")
     if sync and to != "batchnorm":
         raise ValueError("convert: sync=True converts to batchnorm.SyncBatchNorm; use "
                          "to='batchnorm'")

@@ -19,8 +19,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from batchnorm.known_layers import modules_after_affine, qualified_name, unknown_class_reason
+from batchnorm.known_layers import (
+    BATCHNORM_LIKE,
+    inference_affine,
+    modules_after_affine,
+    qualified_name,
+    unknown_class_reason,
+)
 from batchnorm.swap import FORWARD_HOOK_DICTS, has_hooks, replace_submodule
+from batchnorm.variants import FrozenBatchNorm1d
 
 logger = logging.getLogger("batchnorm")
 
@@ -56,7 +63,7 @@ class _LeafTracer(torch.fx.Tracer):
     opaque, so the graph shows which module feeds a BN."""
 
     def is_leaf_module(self, module, qualname):
-        return (isinstance(module, (_BatchNorm, *FOLDABLE_LAYERS))
+        return (isinstance(module, (*BATCHNORM_LIKE, *FOLDABLE_LAYERS))
                 or super().is_leaf_module(module, qualname))
 
 
@@ -66,7 +73,7 @@ class _ModelIndex:
 
     def __init__(self, model: nn.Module):
         self.modules = dict(model.named_modules())
-        self.bns = [name for name, m in self.modules.items() if isinstance(m, _BatchNorm)]
+        self.bns = [name for name, m in self.modules.items() if isinstance(m, BATCHNORM_LIKE)]
         self.registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
 
@@ -152,7 +159,7 @@ def _candidate_pairs(model: nn.Module, index: _ModelIndex) -> tuple[dict[str, tu
 def _bn_reason(bn: _BatchNorm, index: _ModelIndex) -> str:
     if modules_after_affine(bn) is None:
         return unknown_class_reason(bn)
-    if not bn.track_running_stats or bn.running_mean is None:
+    if not getattr(bn, "track_running_stats", True) or bn.running_mean is None:
         return "it has no running statistics (track_running_stats=False uses batch statistics)"
     if has_hooks(bn, FORWARD_HOOK_DICTS):
         return "forward hooks are registered on it, which folding would remove"
@@ -193,7 +200,7 @@ def _shape_reason(layer: nn.Module, bn: _BatchNorm) -> str:
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != bn.num_features:
         return f"the preceding layer has {out} outputs but BN has {bn.num_features} features"
-    if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
+    if isinstance(layer, nn.Linear) and not isinstance(bn, (nn.BatchNorm1d, FrozenBatchNorm1d)):
         return "a Linear layer folds only into a BatchNorm1d"
     return ""
 
@@ -201,13 +208,7 @@ def _shape_reason(layer: nn.Module, bn: _BatchNorm) -> str:
 @torch.no_grad()
 def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
     """``W' = scale * W``, ``b' = scale * b + shift`` per output channel, computed in float64."""
-    var = bn.running_var.double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
+    scale, shift = inference_affine(bn)
     weight = layer.weight
     new_weight = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     old_bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)

@@ -9,7 +9,12 @@ of guessing what it computes. Three families are known:
   fused ``activation`` (if any) after the affine map;
 - timm's BN subclasses with a built-in activation, ``BatchNormAct2d`` and ``SyncBatchNormAct``
   (``timm.layers.norm_act``): BN, then their ``drop`` module, then their ``act`` module.
-  Recognized by class name, so timm is never imported.
+  Recognized by class name, so timm is never imported;
+- our BN family (:mod:`batchnorm.variants`): Batch Renorm and Ghost BN, whose eval-mode map is
+  BN's (they differ only in training), and frozen BN and in-place activated BN, which state
+  their eval-mode map themselves with ``fold_parts() -> (scale, shift, activation)``.
+
+:func:`inference_affine` gives any known layer's eval-mode map as float64 ``(scale, shift)``.
 
 :func:`activation_name` says which of our fused activations (``batchnorm.activations``) a
 ``torch.nn`` activation module computes exactly, if any.
@@ -17,12 +22,28 @@ of guessing what it computes. Three families are known:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm.activations import MODULES as ACTIVATION_MODULES
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.modules import TORCH_BATCHNORMS, TORCH_TO_OURS
+from batchnorm.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    InPlaceABN1d,
+    InPlaceABN2d,
+    InPlaceABN3d,
+)
 
 #: BN classes computing BN (and, for ours, their ``activation``) and nothing else
 PLAIN_BATCHNORMS = (*TORCH_BATCHNORMS, nn.SyncBatchNorm, *TORCH_TO_OURS.values(), SyncBatchNorm)
@@ -33,6 +54,15 @@ NORM_ACT_CLASSES = {
     "timm.layers.norm_act.BatchNormAct2d": nn.BatchNorm2d,
     "timm.layers.norm_act.SyncBatchNormAct": None,
 }
+
+#: our variants whose eval-mode map is BN's and our fused ``activation``
+SAME_INFERENCE = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d,
+                  GhostBatchNorm3d)
+#: our variants that state their eval-mode map with ``fold_parts()``
+OWN_INFERENCE = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, InPlaceABN1d,
+                 InPlaceABN2d, InPlaceABN3d)
+#: every BN-like class the tools look at (frozen BN is no ``_BatchNorm``: it has no training)
+BATCHNORM_LIKE = (_BatchNorm, FrozenBatchNorm)
 
 _ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATION_MODULES.items()}
 
@@ -61,12 +91,32 @@ def norm_act_parts(module: nn.Module) -> list[nn.Module]:
 def modules_after_affine(bn: _BatchNorm) -> list[nn.Module] | None:
     """What a known BN layer applies after its (eval-mode) affine map, in order, without
     identities; ``None`` when the class is not known, so what it computes is not either."""
-    if type(bn) in PLAIN_BATCHNORMS:
+    if type(bn) in PLAIN_BATCHNORMS or type(bn) in SAME_INFERENCE:
         activation = getattr(bn, "activation", None)
         return [ACTIVATION_MODULES[activation]()] if activation is not None else []
+    if type(bn) in OWN_INFERENCE:
+        activation = bn.fold_parts()[2]
+        if isinstance(activation, str):
+            activation = ACTIVATION_MODULES[activation]()
+        return [] if activation is None else [activation]
     if is_norm_act(bn):
         return [part for part in norm_act_parts(bn) if type(part) is not nn.Identity]
     return None
+
+
+def inference_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` in float64 with ``BN(x) = scale * x + shift`` per channel in eval mode
+    (Algorithm 2), before what :func:`modules_after_affine` lists."""
+    if type(bn) in OWN_INFERENCE:
+        scale, shift, _ = bn.fold_parts()
+        return scale.detach().double(), shift.detach().double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    return scale, shift
 
 
 def unknown_class_reason(bn: nn.Module) -> str:

@@ -2,7 +2,8 @@
 
 - :mod:`~batchnorm.variants.renorm`: Batch Renormalization (Ioffe 2017): :class:`BatchRenorm2d`,
   :func:`batch_renorm`, :func:`renorm_schedule`, :func:`to_renorm`; synchronized across
-  processes: :class:`SyncBatchRenorm` (:mod:`~batchnorm.variants.renorm_sync`).
+  processes: :class:`~batchnorm.variants.renorm_sync.SyncBatchRenorm` (in the distributed
+  layer above this package; ``batchnorm.SyncBatchRenorm``).
 - :mod:`~batchnorm.variants.ghost`: Ghost BN (Hoffer, Hubara & Soudry 2017):
   :class:`GhostBatchNorm2d`, :func:`ghost_batch_norm`.
 - :mod:`~batchnorm.variants.frozen`: frozen BN (torchvision-compatible
@@ -45,16 +46,8 @@ from batchnorm.variants.renorm import (
 __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "FrozenBatchNorm", "FrozenBatchNorm1d",
     "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
-    "GhostBatchNorm3d", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d", "SyncBatchRenorm",
+    "GhostBatchNorm3d", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d",
     "batch_renorm", "freeze", "ghost_batch_norm", "ghost_batch_sizes",
     "inplace_activated_batch_norm", "renorm_schedule", "to_renorm", "unfreeze",
 ]
 
-
-def __getattr__(name):
-    # SyncBatchRenorm pulls in torch.distributed; import it on first use only.
-    if name == "SyncBatchRenorm":
-        from batchnorm.variants.renorm_sync import SyncBatchRenorm
-
-        return SyncBatchRenorm
-    raise AttributeError(f"module 'batchnorm.variants' has no attribute {name!r}")

@@ -1,7 +1,6 @@
 """Everything the variants take from the core package, imported in this one place.
 
-The core modules (``modules.py``, ``functional.py``, ``autograd.py``, ``inference.py``) are
-being restructured; when a helper moves, only the imports below change.
+When a helper of the core moves, only the imports below change.
 """
 
 from __future__ import annotations
@@ -9,16 +8,17 @@ from __future__ import annotations
 import numbers
 
 from batchnorm.activations import ACTIVATIONS, check_activation, epilogue
-from batchnorm.autograd import batch_statistics, per_channel, reduce_dims
 from batchnorm.functional import batch_norm, check_arguments
-from batchnorm.inference import _rebuild as rebuild
-from batchnorm.inference import _replace as replace
-from batchnorm.modules import OURS, TORCH_BATCHNORMS, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from batchnorm.modules import _BatchNormMixin as BatchNormMixin
+from batchnorm.modules import TORCH_BATCHNORMS, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.modules import TORCH_TO_OURS as OURS
+from batchnorm.statistics import mean_and_variance as batch_statistics
+from batchnorm.statistics import per_channel, reduce_dims
+from batchnorm.swap import rebuild
+from batchnorm.swap import replace_submodule as replace
 
 __all__ = [
     "ACTIVATIONS", "OURS", "TORCH_BATCHNORMS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "BatchNormMixin", "batch_norm", "batch_statistics", "check_activation", "check_as",
+    "BatchNormBase", "batch_norm", "batch_statistics", "check_activation", "check_as",
     "check_arguments", "epilogue", "is_number", "per_channel", "rebuild", "reduce_dims",
     "replace",
 ]

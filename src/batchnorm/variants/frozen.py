@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.variants._core import ACTIVATIONS, OURS, BatchNormMixin, check_activation, replace
+from batchnorm.variants._core import ACTIVATIONS, OURS, BatchNormBase, check_activation, replace
 
 
 class FrozenBatchNorm(nn.Module):
@@ -163,7 +163,7 @@ _OURS_BY_FROZEN = {FrozenBatchNorm1d: OURS[nn.BatchNorm1d], FrozenBatchNorm2d: O
 def _trainable_class(module: nn.Module) -> type | None:
     """The trainable class a frozen layer of ``module`` goes back to: ours (variants keep their
     class), or the one a synchronized layer was made from."""
-    if isinstance(module, BatchNormMixin) or hasattr(module, "frozen_parts"):
+    if isinstance(module, BatchNormBase) or hasattr(module, "frozen_parts"):
         return type(module)
     base = next((c for c in _FROZEN_BY_RANK if isinstance(module, c)), None)
     if base is not None:
@@ -197,7 +197,7 @@ def freeze(model: nn.Module) -> nn.Module:
         frozen.train(module.training)
         if trainable is not None:
             kwargs = dict(momentum=module.momentum, affine=module.affine)
-            if isinstance(module, BatchNormMixin):
+            if isinstance(module, BatchNormBase):
                 kwargs.update(activation=module.activation, backend=module.backend)
             if hasattr(module, "variant_kwargs"):
                 kwargs.update(module.variant_kwargs())

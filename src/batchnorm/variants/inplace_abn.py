@@ -59,7 +59,7 @@ from torch import nn
 
 from batchnorm.variants import _kernels
 from batchnorm.variants._core import (
-    BatchNormMixin,
+    BatchNormBase,
     batch_norm,
     check_as,
     is_number,
@@ -241,12 +241,12 @@ class _InPlaceABN:
         self.activation, self.negative_slope, self.alpha = activation, negative_slope, alpha
         self.inplace = bool(inplace)
 
-    _check_input_dim = BatchNormMixin._check_input_dim
+    _check_input_dim = BatchNormBase._check_input_dim
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         running_mean, running_var = self.running_mean, self.running_var
-        factor = BatchNormMixin._averaging_factor(self, self.num_batches_tracked)
+        factor = BatchNormBase._averaging_factor(self, self.num_batches_tracked)
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         keep = not self.training or self.track_running_stats
         return inplace_activated_batch_norm(

@@ -57,7 +57,7 @@ from batchnorm.variants._core import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
-    BatchNormMixin,
+    BatchNormBase,
     batch_norm,
     batch_statistics,
     check_as,
@@ -315,7 +315,7 @@ def to_renorm(model: nn.Module, *, r_max: Bound = PAPER_SCHEDULE["r_max"],
                              "averages")
         cls = next(c for base, c in _BY_RANK.items() if isinstance(module, base))
         extra = {}
-        if isinstance(module, BatchNormMixin):
+        if isinstance(module, BatchNormBase):
             extra = dict(activation=module.activation, backend=module.backend)
         new = rebuild(module, cls, r_max=r_max, d_max=d_max, running_average=running_average,
                       **extra)
