@@ -67,6 +67,13 @@ def step_in(path: Path) -> int:
     return torch.load(path, weights_only=True)["state"]["step"]
 
 
+def tiny_model():
+    torch.manual_seed(0)
+    from batchnorm.models.inception import InceptionBN
+
+    return InceptionBN(4, 1, bn=True, dropout=0.3, stem="small", width=0.05)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[dict]:
     """The history of the tiny run, never interrupted."""
@@ -115,6 +122,21 @@ def test_a_checkpoint_of_the_first_format_still_resumes(tmp_path, reference):
     torch.save(payload, path)
     assert main([*argv, "--resume"]) == 0
     assert history(tmp_path) == reference
+
+
+def test_what_loading_would_refuse_is_not_saved_either(tmp_path):
+    """A NumPy value (or any object) in a checkpoint is a TypeError when the run starts, not a
+    refusal to resume hours later."""
+    import numpy as np
+
+    from batchnorm.repro import checkpoint
+
+    with pytest.raises(TypeError, match=r"\['meta'\]\['scale'\] is a numpy.float64"):
+        Trainer(tiny_model(), TrainSpec(steps=1, checkpoint=str(tmp_path / "c.pt"),
+                                        meta=dict(scale=np.float64(0.5))))
+    with pytest.raises(TypeError, match=r"checkpoint\['rng'\]\[1\] is a numpy.ndarray"):
+        checkpoint.save(dict(rng=np.random.get_state()), tmp_path / "c.pt")  # noqa: NPY002
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------- 2. damaged checkpoints
@@ -197,13 +219,6 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(tmp_path, capsys, mo
 
 
 # ------------------------------------------------------------- 3. Ctrl-C, SIGTERM, SIGKILL
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    from batchnorm.models.inception import InceptionBN
-
-    return InceptionBN(4, 1, bn=True, dropout=0.3, stem="small", width=0.05)
 
 
 def test_the_trainer_finishes_the_step_a_signal_arrives_in(tmp_path):
@@ -289,17 +304,21 @@ def resume_command(err: str) -> list[str]:
     return words[1:]
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_resuming_loses_nothing(tmp_path, reference):
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_says_how_to_resume_and_resuming_loses_nothing(tmp_path, reference,
+                                                                   number):
+    """Ctrl-C (SIGINT), or SIGTERM as a scheduler sends it before killing a job."""
     out = tmp_path / "out"
     run = Run(tmp_path, inception(out), pause_at=3)
-    run.signal(signal.SIGINT)
+    run.signal(number)
     code, _, err = run.finish()
-    assert code == 130, err
+    assert code == 128 + number, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert "SIGINT: stopped at step 3 of bn-x5; resume with: batchnorm reproduce inception" in err
+    name = signal.Signals(number).name
+    assert f"{name}: stopped at step 3 of bn-x5; resume with: batchnorm reproduce inception" in err
     partial = record(out)
     assert partial["steps_done"] == 3 and not partial["complete"]
-    assert partial["stopped_by"] == "SIGINT"
+    assert partial["stopped_by"] == name
     assert [p["step"] for p in partial["history"]] == [0, 2]
     assert step_in(checkpoint_of(out)) == 3
     argv = resume_command(err)

@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def previous(path: Path) -> Path:
 
 def save(payload: dict, path: Path, *, keep_previous: bool = True) -> None:
     """Write ``payload`` to ``path`` atomically (see the module); the file it replaces becomes
-    :func:`previous` (unless ``keep_previous`` is false: then that one is left as it is)."""
+    :func:`previous` (unless ``keep_previous`` is false: then that one is left as it is).
+    ``TypeError`` if ``payload`` holds anything :func:`load` would refuse."""
+    check_plain(payload)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -82,6 +85,28 @@ def save(payload: dict, path: Path, *, keep_previous: bool = True) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def check_plain(value, where: str = "checkpoint") -> None:
+    """``TypeError`` naming the first value in ``value`` that is not a tensor, a number, a
+    string, None, or a list, tuple or dict of them (what :func:`load` accepts; a NumPy scalar
+    or a dataclass is not: convert it first)."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+        return
+    if type(value) in (dict, OrderedDict):
+        for key, item in value.items():
+            check_plain(key, f"{where} (a key)")
+            check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            check_plain(item, f"{where}[{index}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a "
+                        "checkpoint holds only tensors, numbers, strings and lists, tuples and "
+                        "dicts of them (loading refuses anything else)")
 
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict:

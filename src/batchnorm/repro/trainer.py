@@ -142,6 +142,8 @@ class Trainer:
         acc_dtype = torch.float32 if device.type == "mps" else torch.float64
         self.state = TrainState(loss_sum=torch.zeros((), dtype=acc_dtype, device=device))
         self.checkpoint = Path(spec.checkpoint) if spec.checkpoint else None
+        if self.checkpoint is not None:  # now, not at the first save
+            checkpoint.check_plain(spec.fingerprint(), "TrainSpec (fingerprint)")
         self.net = model  # what the training step calls: the model, or DDP around it
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp)
         self.bar = None
