@@ -3,8 +3,10 @@
 Writing (:func:`save`): the payload goes to ``NAME.tmp``, is flushed to the disk (``fsync``),
 the current checkpoint becomes ``NAME.prev`` and the new file takes its name (``os.replace``,
 atomic). A run killed at any moment leaves ``NAME`` or, for the instant between the two renames,
-``NAME.prev`` holding a complete checkpoint; a failed write (a full disk) removes the partial
-``NAME.tmp``, leaves both untouched and raises :class:`CheckpointError`.
+``NAME.prev`` holding a complete checkpoint (and perhaps a partial ``NAME.tmp``, which the next
+save overwrites); a failed write (a full disk) removes the partial ``NAME.tmp``, leaves both
+untouched and raises :class:`CheckpointError`. What loading would refuse is not saved either
+(:func:`check_plain`: a ``TypeError``).
 
 Reading (:func:`load`) refuses, with a :class:`CheckpointError` naming the file:
 
