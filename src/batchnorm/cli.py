@@ -3,8 +3,14 @@
 Each experiment lives in one module under :mod:`batchnorm.repro` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them,
 importing an experiment when it is asked for. A bad argument that a command finds (an
-:class:`~batchnorm.repro.common.ArgumentError`) is printed as one line, and the exit status
+:class:`~batchnorm.repro.common.ArgumentError`, e.g. an ``--out`` folder that cannot be
+created, or a checkpoint that cannot be resumed) is printed as one line, and the exit status
 is 2, as for the arguments argparse itself rejects.
+
+Every command runs under :func:`batchnorm.repro.interrupt.guard`: the first Ctrl-C (or
+SIGTERM) lets the current training step finish, the command saves what it has and says how to
+continue, and the exit status is 130 (143 for SIGTERM); a second one stops at once, also with
+one line and status 130.
 """
 
 from __future__ import annotations
@@ -54,17 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command's guard: while importing, parsing
+        print("\nbatchnorm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "_unavailable", None):
         print(f"batchnorm: {args._unavailable}", file=sys.stderr)
         return 2
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # to say how to resume
+    from batchnorm.repro import interrupt
     from batchnorm.repro.common import ArgumentError
 
     try:
-        return int(args._run(args) or 0)
+        with interrupt.guard():
+            status = int(args._run(args) or 0)
+            if interrupt.requested() and status == 0:
+                print(f"{args._prog}: stopped by a signal after the work was done (the "
+                      "outputs are complete)", file=sys.stderr)
+                status = interrupt.exit_status()
+            return status
     except ArgumentError as error:
         print(f"{args._prog}: {error}", file=sys.stderr)
         return 2
+    except interrupt.Stopped as stop:
+        return stop.status
+    except KeyboardInterrupt:
+        print(f"\n{args._prog}: interrupted; stopped at once (checkpoints already written are "
+              "intact)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import random
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -68,16 +69,31 @@ def log(message: str, bar=None) -> None:
         print(line, flush=True)
 
 
-def prepare_out_dir(path: str | os.PathLike) -> Path:
+def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (main process) and check that files can be written
+    in it; :class:`ArgumentError` naming ``option`` if not (under a file, read-only, ...)."""
     out = Path(path)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as error:
+            reason = error.strerror or str(error)
+            where = f" ({error.filename})" if error.filename not in (None, str(out)) else ""
+            raise ArgumentError(f"{option} {out}: cannot create or write the folder: "
+                                f"{reason}{where}") from None
     return out
 
 
 def write_json(path: str | os.PathLike, data) -> None:
+    """``data`` as JSON (main process), atomically: a crash or Ctrl-C while writing leaves the
+    previous file, never half of one."""
     if is_main_process():
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:

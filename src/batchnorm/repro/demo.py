@@ -5,6 +5,9 @@ Train a BN MLP on a synthetic classification task, then
 2. ``recalibrate``: replace them by exact population statistics (Algorithm 2, step 10),
 3. ``fold``: merge every BN into the preceding Linear (Algorithm 2, step 11)
 and check that the folded network computes the same function.
+
+Ctrl-C stops it after the current step (it has no checkpoints: the losses printed so far are
+its history) with exit status 130.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.repro.common import seed_everything
+from batchnorm.repro import interrupt
+from batchnorm.repro.common import check_arguments, seed_everything
 
 CONFIG = dict(steps=300, batch_size=64, lr=0.5, width=64, features=20, classes=4, seed=0)
 
@@ -48,6 +52,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_arguments(args, at_least=dict(steps=1, batch_size=2, width=1, features=1, classes=2),
+                    positive=("lr",))
     start = time.perf_counter()
     generator = seed_everything(args.seed)
     centers = torch.randn(args.classes, args.features, generator=generator)
@@ -61,8 +67,10 @@ def run(args) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step:5d}  training loss {loss.item():.4f}")
+        interrupt.pause_point(step)
+        if step % 100 == 0 or step == args.steps or interrupt.requested():
+            print(f"step {step:5d}  training loss {loss.item():.4f}", flush=True)
+        interrupt.stop_if_requested(args, f"at step {step} of {args.steps}")
     model.eval()
     acc_moving = accuracy(model, x_test, y_test)
     batches = [x_train[i : i + args.batch_size] for i in range(0, 10_000, args.batch_size)]

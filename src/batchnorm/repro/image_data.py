@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from batchnorm.repro.common import ArgumentError, is_main_process, shard
+from batchnorm.repro.interrupt import ignore_interrupts
 
 
 @dataclass
@@ -182,7 +183,8 @@ def image_batches(data, index_batches, device, channels_last: bool = False, work
         stream = torch.utils.data.DataLoader(data, batch_sampler=index_batches,
                                              num_workers=workers,
                                              pin_memory=device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(0))
+                                             generator=torch.Generator().manual_seed(0),
+                                             worker_init_fn=ignore_interrupts)
     for x, y in stream:
         x = x.to(device, non_blocking=True)
         if channels_last and x.dim() == 4:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from batchnorm.models.inception import InceptionBN
+from batchnorm.repro import interrupt
 from batchnorm.repro.common import (
     add_data_arguments,
     check_arguments,
@@ -222,6 +223,8 @@ def run(args) -> int:
     if data is None:
         return 2
     out = prepare_out_dir(args.out)
+    if args.ckpt_dir:  # found now, not at the first checkpoint
+        prepare_out_dir(args.ckpt_dir, "--ckpt-dir")
     names = list(VARIANTS) if args.all else [args.variant]
     n_train, n_test = data.sizes()
     log(f"inception: {data.name} ({n_train} train / {n_test} test, {data.num_classes} classes), "
@@ -233,10 +236,12 @@ def run(args) -> int:
             log(f"{name}: already finished ({record_path}), skipping")
             continue
         result = train_variant(VARIANTS[name], args, data, device, record_path)
-        if result["interrupted"]:
+        if result["stopped_by"] == "stop_at":
             log(f"{name}: stopped at step {result['steps_done']} (--stop-at); rerun with "
                 "--resume to continue")
             return 0
+        interrupt.stop_if_requested(args, f"at step {result['steps_done']} of {name}",
+                                    resume=True)
     if is_main_process():
         write_report(out, args, data, device, names=list(VARIANTS), args_record=args_record(args),
                      decay_every=base_decay_every(args))

@@ -52,6 +52,7 @@ from torch import nn
 from batchnorm.data import MissingDataError, load_idx_dataset
 from batchnorm.models.mlp import sigmoid_mlp
 from batchnorm.monitor import ActivationMonitor
+from batchnorm.repro import interrupt
 from batchnorm.repro.common import (
     ArgumentError,
     add_data_arguments,
@@ -197,6 +198,10 @@ def train_both(args, data: Data, device, lr: float, init_std: float) -> tuple[di
                                      label=NETWORKS[key], device=device,
                                      progress=args.progress)
         timing[f"train_{key}_s"] = round(time.perf_counter() - begin, 1)
+        interrupt.stop_if_requested(
+            args, f"at step {results[key]['steps_done']} of {NETWORKS[key]}",
+            partial=dict(experiment="mnist", lr=lr, init_std=init_std,
+                         histories={k: r["history"] for k, r in results.items()}))
     return results, timing
 
 
@@ -219,6 +224,8 @@ def run_sweep(args, data: Data, device) -> dict:
             finite = last["train_loss"] is not None and math.isfinite(last["train_loss"])
             row[f"{key}_validation_accuracy"] = last["test_accuracy"] if finite else None
         rows.append(row)
+        interrupt.stop_if_requested(args, f"during the --sweep, at lr={lr:g} "
+                                    f"init_std={init_std:g}", partial=dict(sweep_rows=rows))
         log(f"sweep lr={lr:g} init_std={init_std:g}: validation accuracy without BN "
             f"{format_value(row['no_bn_validation_accuracy'])}, with BN "
             f"{format_value(row['bn_validation_accuracy'])}")
@@ -385,7 +392,7 @@ def train_network(bn: bool, data: Data, *, steps: int, batch_size: int, lr: floa
     history = [dict(step=p["step"], test_accuracy=p["test_accuracy"], train_loss=p["train_loss"])
                for p in result["history"]]
     diverged = result["diverged"]
-    return dict(history=history, model=net, monitor=monitor,
+    return dict(history=history, model=net, monitor=monitor, steps_done=result["steps_done"],
                 diverged_at=None if diverged is None else diverged["step"])
 
 

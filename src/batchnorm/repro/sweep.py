@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from batchnorm.repro import interrupt
 from batchnorm.repro.common import (
     add_data_arguments,
     check_arguments,
@@ -122,6 +123,8 @@ def run_pairs(experiment: str, args, data: Data, key: str, values: list, *,
             seed_everything(args.seed)
             result = train_run(model(value, bn), data, args, lr=lr(value), label=label)
             runs.append(dict(bn=bn, **{key: value}, **result))
+            interrupt.stop_if_requested(args, f"at step {result['steps_done']} of {label}",
+                                        partial=dict(experiment=experiment, runs=runs))
             log(f"{experiment}: {label}: lr {result['lr']:.4g}: {outcome(result)}, final "
                 f"{result['final_accuracy']:.4f}, best {result['best_accuracy']:.4f}, steps to "
                 f"{args.target}: {result['steps_to_target']}")

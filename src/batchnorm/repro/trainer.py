@@ -13,6 +13,11 @@ a point to the history; every ``ckpt_every`` steps, save a checkpoint. A run res
 checkpoint gives bitwise the result of an uninterrupted one (data order, dropout masks and
 optimizer state are all restored).
 
+Faults: checkpoints are written atomically and read back checked, without unpickling code
+(:mod:`batchnorm.repro.checkpoint`: a damaged one falls back to the previous checkpoint, a
+tampered one is refused). Ctrl-C or SIGTERM (:mod:`batchnorm.repro.interrupt`) lets the current
+step finish, then the run saves its checkpoint and returns with ``interrupted`` set.
+
 An experiment that trains differently overrides one of three methods: :meth:`Trainer.loss`
 (the objective of a batch), :meth:`Trainer.evaluate` (what is measured at an evaluation) or
 :meth:`Trainer.batches` (the order of the training examples).
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import signal
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from batchnorm.repro import checkpoint, interrupt
 from batchnorm.repro.common import (
     ArgumentError,
     flush_denormals,
@@ -136,21 +142,26 @@ class Trainer:
         acc_dtype = torch.float32 if device.type == "mps" else torch.float64
         self.state = TrainState(loss_sum=torch.zeros((), dtype=acc_dtype, device=device))
         self.checkpoint = Path(spec.checkpoint) if spec.checkpoint else None
+        if self.checkpoint is not None:  # now, not at the first save
+            checkpoint.check_plain(spec.fingerprint(), "TrainSpec (fingerprint)")
         self.net = model  # what the training step calls: the model, or DDP around it
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.amp)
         self.bar = None
         self._postfix: dict[str, str] = {}
         self._clock = time.perf_counter()
+        self._keep_previous = True  # the next save keeps the checkpoint it replaces
+        self._saved_step = -1
 
     # ---------------------------------------------------------------------------- the loop
 
     def run(self) -> dict:
-        """Train to ``spec.steps`` (or divergence, or ``stop_at``). Returns ``{"history":
-        [{step, lr, train_loss, test_accuracy, seconds}], "diverged": None | {...},
-        "steps_done", "complete", "interrupted", "seconds"}``."""
+        """Train to ``spec.steps`` (or divergence, or ``stop_at``, or a stop signal: Ctrl-C,
+        SIGTERM). Returns ``{"history": [{step, lr, train_loss, test_accuracy, seconds}],
+        "diverged": None | {...}, "steps_done", "complete", "interrupted", "stopped_by": None |
+        "stop_at" | "SIGINT" | "SIGTERM", "seconds"}``."""
         numerics = (flush_denormals() if self.spec.flush_denormals and self.device.type == "cpu"
                     else contextlib.nullcontext())
-        with numerics:
+        with numerics, interrupt.guard():
             if self.spec.resume:
                 self.resume()
             if world_size() > 1:
@@ -168,31 +179,45 @@ class Trainer:
         if not state.history:
             self.record()
         batches = self.batches(state.step)
-        interrupted = False
+        stopped_by = None
         self.model.train()
         while state.step < spec.steps and state.diverged is None:
             self.train_step(*next(batches))
             step = state.step
             self.bar.update(1)
+            interrupt.pause_point(step)
             evaluation = spec.evaluates_at(step)
-            if (evaluation or step % spec.check_every == 0 or step == spec.stop_at) and (
-                    self.check_divergence()):
+            check = evaluation or step % spec.check_every == 0 or step == spec.stop_at
+            if check and self.check_divergence():
                 break
             if evaluation:
                 self.record()
-            if spec.ckpt_every and step % spec.ckpt_every == 0 or step == spec.stop_at:
+            if step == spec.stop_at:
+                stopped_by = "stop_at"
+            elif step < spec.steps and self._stop_requested(check):
+                stopped_by = signal.Signals(interrupt.exit_status() - 128).name
+            if spec.ckpt_every and step % spec.ckpt_every == 0 or stopped_by:
                 self.save()
-                if step == spec.stop_at:
-                    interrupted = True
-                    break
+            if stopped_by:
+                log(f"{spec.label}: stopped at step {step}/{spec.steps}"
+                    + (f", checkpoint {self.checkpoint}" if self.checkpoint else ""), self.bar)
+                break
         self.bar.close()
-        if interrupted:  # saved at stop_at already
+        if stopped_by:  # saved already
             self._tick()
         else:
             self.save()
         return dict(history=state.history, diverged=state.diverged, steps_done=state.step,
                     complete=state.step >= spec.steps or state.diverged is not None,
-                    interrupted=interrupted, seconds=round(state.seconds, 2))
+                    interrupted=stopped_by is not None, stopped_by=stopped_by,
+                    seconds=round(state.seconds, 2))
+
+    def _stop_requested(self, check: bool) -> bool:
+        """Whether a signal asked to stop (:mod:`~batchnorm.repro.interrupt`). With several
+        processes they agree at checks only (a collective, at the same steps on all)."""
+        if world_size() == 1:
+            return interrupt.requested()
+        return check and interrupt.agreed(self.device)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One SGD step on the batch ``(x, y)`` at the scheduled learning rate."""
@@ -279,41 +304,56 @@ class Trainer:
         self._clock = now
 
     def save(self) -> None:
-        """Write the checkpoint (main process; atomically), if the spec names one."""
+        """Write the checkpoint (main process; atomically, the previous one kept: see
+        :func:`batchnorm.repro.checkpoint.save`), if the spec names one."""
         self._tick()
         if self.checkpoint is None or not is_main_process():
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         payload = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                        state=dict(vars(self.state)), fingerprint=self.spec.fingerprint(),
                        rng=torch.get_rng_state(),
                        cuda_rng=(torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                                  else None))
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint)  # a crash mid-save leaves the previous one intact
+        # the previous checkpoint is one of an earlier step (the last save rewrites its own)
+        checkpoint.save(payload, self.checkpoint, keep_previous=self._keep_previous and (
+            self.state.step != self._saved_step))
+        self._keep_previous, self._saved_step = True, self.state.step
 
     def resume(self) -> None:
         """Continue from the checkpoint, if there is one (it must come from the same
-        configuration: :meth:`TrainSpec.fingerprint`)."""
+        configuration: :meth:`TrainSpec.fingerprint`). A damaged checkpoint falls back to the
+        previous one; one that cannot be trusted, or none good, is a
+        :class:`~batchnorm.repro.checkpoint.CheckpointError` (one line, exit status 2)."""
         path, label = self.checkpoint, self.spec.label
-        if path is None or not path.exists():
+        found = None if path is None else checkpoint.load_for_resume(
+            path, self.device, log=lambda line: log(f"{label}: {line}"))
+        if found is None:
             log(f"{label}: no checkpoint to resume from, starting at step 0")
             return
-        payload = torch.load(path, map_location=self.device, weights_only=False)
+        payload, path, fell_back = found
+        # a damaged current checkpoint is overwritten by the next save, not kept as previous
+        self._keep_previous = not (fell_back and self.checkpoint.exists())
         if payload["fingerprint"] != self.spec.fingerprint():
             raise ArgumentError(
                 f"--resume: checkpoint {path} was written by a different configuration:\n"
                 f"  checkpoint: {payload['fingerprint']}\n  this run:   "
                 f"{self.spec.fingerprint()}\n"
-                "use another --out (or --ckpt-dir) or delete the checkpoint")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = TrainState(**payload["state"])
-        self.state.loss_sum = self.state.loss_sum.to(self.device)
-        torch.set_rng_state(payload["rng"])
-        if payload["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+                "use another --out (or --ckpt-dir) or delete the checkpoint "
+                f"({self.checkpoint}, and {checkpoint.previous(self.checkpoint).name} beside it)")
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.state = TrainState(**payload["state"])
+            self.state.loss_sum = self.state.loss_sum.to(self.device)
+            torch.set_rng_state(payload["rng"].cpu())
+            if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise checkpoint.CheckpointError(
+                f"--resume: checkpoint {path} does not fit this run ({text}): use another "
+                "--out (or --ckpt-dir) or delete it") from None
+        self._saved_step = -1 if fell_back else self.state.step
         log(f"{label}: resumed from {path} at step {self.state.step}")
 
 
