@@ -34,8 +34,8 @@ def build_options() -> tuple[str, list[str]]:
 
     With AVX2 (which torch reports for AVX-512 machines too) the kernels use 32-byte vectors;
     otherwise the compiler's baseline. Fused multiply-adds are off, so that both builds round
-    every operation alike and give the same bits. The name ends in a hash of the source, the
-    flags and the torch version, so two checkouts or versions on one machine (they share
+    every operation alike and give the same bits. The name ends in a hash of the source (its
+    text and its path), the flags and the torch version, so two checkouts or versions on one machine (they share
     ``~/.cache/torch_extensions``) each keep their own build instead of rebuilding each
     other's; torch's build lock means a process never loads a half-written library.
     """
@@ -44,7 +44,9 @@ def build_options() -> tuple[str, list[str]]:
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         base, flags = "batchnorm_cpu_avx2", [*flags, "-mavx2", "-mfma"]
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join([*flags, torch.__version__]).encode())
+    # the source's path too: torch's build files name it, so two checkouts sharing one name
+    # would each rebuild the other's library (ninja sees another input file)
+    digest.update(" ".join([*flags, torch.__version__, str(SOURCE.resolve())]).encode())
     return f"{base}_{digest.hexdigest()[:12]}", flags
 
 
