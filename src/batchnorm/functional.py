@@ -7,12 +7,15 @@ arguments: ``activation`` and ``residual`` fuse ``y = activation(BN(x) + residua
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 
 import torch
 
 from batchnorm import backends
-from batchnorm.activations import check_activation
+from batchnorm.activations import check_activation, epilogue
+from batchnorm.backends import composite
 
 
 def batch_norm(
@@ -49,7 +52,8 @@ def batch_norm(
         running_mean, running_var: ``(C,)`` or both ``None`` (then only ``training=True`` works).
         weight, bias: ``(C,)`` gamma and beta, or ``None`` for 1 and 0.
         training: normalize with batch statistics (and update the running ones).
-        momentum: in ``[0, 1]``, the weight of the new batch in the running averages.
+        momentum: in ``[0, 1]``, the weight of the new batch in the running averages (checked
+            only when it is used: in training with running statistics).
         eps: ``> 0``, added to the variance.
         activation: ``None``, ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"sigmoid"``,
             ``"tanh"`` or ``"silu"``, applied after the residual add.
@@ -57,19 +61,43 @@ def batch_norm(
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available, else ``"torch"``),
             ``"torch"`` or ``"triton"``.
 
+    An empty ``input`` (no values per channel) gives an empty output, zero gradients for
+    ``weight`` and ``bias`` and leaves the running statistics as they are, as torch does.
+
     NaN and Inf: BN mixes values only within a channel, so a NaN or Inf in the input makes
     that channel's batch statistics NaN/Inf and hence its whole output (and, in training, its
     running statistics) NaN; other channels are unaffected. This matches ``torch.nn``.
     """
-    check_arguments(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-        residual,
-    )
+    with untraced():
+        check_arguments(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            residual,
+        )
+        empty = input.numel() == 0
+    if empty:  # as torch: an empty output, zero gradients, statistics untouched
+        return epilogue(composite.empty_batch(input, weight, bias), activation, residual)
     impl = backends.resolve(backend, input, weight, training, activation, residual)
     return impl.batch_norm(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum),
+        input, running_mean, running_var, weight, bias, bool(training),
+        float(momentum) if isinstance(momentum, numbers.Real) else 0.0,  # unused when not a number
         float(eps), activation, residual,
     )
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Pause ``torch.jit.trace`` for checks that read shapes: the tracer would record the
+    sizes as tensors and warn when they are compared; a trace's shapes are fixed, so checking
+    them once, while tracing, is all a check can do."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def check_arguments(
@@ -120,18 +148,16 @@ def check_arguments(
         raise ValueError("batch_norm: running_mean and running_var are required when "
                          "training=False (evaluation uses the population statistics)")
     if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"batch_norm: eps must be a positive number, got {eps!r}")
-    if (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+        # "eps must be positive" is torch's wording, which code and tests match on
+        raise ValueError(f"batch_norm: eps must be positive (a number > 0 added to the "
+                         f"variance, e.g. 1e-5), got {eps!r}")
+    # momentum is only used to update running statistics (eval ignores it, as torch does)
+    if training and running_mean is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
             or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
-    if training and not sharded:
-        per_channel = input.numel() // channels if channels else 0
-        if per_channel < 2:
-            raise ValueError(
-                f"batch_norm: expected more than 1 value per channel when training, got input "
-                f"of shape {tuple(input.shape)} ({per_channel} per channel); batch statistics "
-                "need at least 2 values per channel"
-            )
+    if not sharded:
+        composite.check_values_per_channel(input, training)
     check_activation(activation, "batch_norm")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
