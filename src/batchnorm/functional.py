@@ -7,9 +7,7 @@ arguments: ``activation`` and ``residual`` fuse ``y = activation(BN(x) + residua
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from collections.abc import Iterator
 
 import torch
 
@@ -68,34 +66,31 @@ def batch_norm(
     that channel's batch statistics NaN/Inf and hence its whole output (and, in training, its
     running statistics) NaN; other channels are unaffected. This matches ``torch.nn``.
     """
-    with untraced():
-        check_arguments(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-            residual,
-        )
-        empty = input.numel() == 0
+    empty = untraced(
+        check_arguments, input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation, residual,
+    )
     if empty:  # as torch: an empty output, zero gradients, statistics untouched
         return epilogue(composite.empty_batch(input, weight, bias), activation, residual)
     impl = backends.resolve(backend, input, weight, training, activation, residual)
     return impl.batch_norm(
         input, running_mean, running_var, weight, bias, bool(training),
-        float(momentum) if isinstance(momentum, numbers.Real) else 0.0,  # unused when not a number
+        0.0 if momentum is None else float(momentum),  # None only where it is unused
         float(eps), activation, residual,
     )
 
 
-@contextlib.contextmanager
-def untraced() -> Iterator[None]:
-    """Pause ``torch.jit.trace`` for checks that read shapes: the tracer would record the
-    sizes as tensors and warn when they are compared; a trace's shapes are fixed, so checking
-    them once, while tracing, is all a check can do."""
+def untraced(fn, *args):
+    """``fn(*args)`` with ``torch.jit.trace`` paused: for checks that read shapes, which the
+    tracer would record as tensors (and warn when they are compared). A trace's shapes are
+    fixed, so checking them once, while tracing, is all a check can do. (A plain function, not
+    a context manager: this runs on every call, where a generator's microsecond shows.)"""
     state = torch._C._get_tracing_state()
     if state is None:
-        yield
-        return
+        return fn(*args)
     torch._C._set_tracing_state(None)
     try:
-        yield
+        return fn(*args)
     finally:
         torch._C._set_tracing_state(state)
 
@@ -103,8 +98,9 @@ def untraced() -> Iterator[None]:
 def check_arguments(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
     *, sharded: bool = False,
-) -> None:
-    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take.
+) -> bool:
+    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take;
+    return whether ``input`` is empty (a batch without values, which needs no backend).
 
     ``sharded=True`` is for a batch split over processes (:class:`batchnorm.SyncBatchNorm`):
     this process's part may then hold fewer than 2 values per channel (even none), and the
@@ -174,3 +170,4 @@ def check_arguments(
         if residual.dtype != input.dtype:
             raise TypeError(f"batch_norm: residual must have input's dtype {input.dtype}, got "
                             f"{residual.dtype}")
+    return input.numel() == 0

@@ -55,8 +55,8 @@ def statistics_arguments(
 
 def check_input(input: torch.Tensor, num_features: int, expected_dims: list[int],
                 who: str) -> None:
-    """The layer's own checks (rank, channels), naming the layer; ``expected_dims`` empty:
-    any rank >= 2. TorchScript compiles it."""
+    """The layer's own checks (rank, channels), naming the layer; ``expected_dims`` (a list
+    in TorchScript, any sequence in Python) empty: any rank >= 2. TorchScript compiles it."""
     if len(expected_dims) == 0:
         if input.dim() < 2:
             raise ValueError(f"{who}: expected input of rank >= 2 (N, C, ...), got shape "
@@ -113,7 +113,7 @@ class BatchNormBase(_BatchNorm):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a tensor, got "
                             f"{type(input).__name__}")
-        check_input(input, self.num_features, list(self._expected_dims), type(self).__name__)
+        check_input(input, self.num_features, self._expected_dims, type(self).__name__)
 
     def _statistics_arguments(self):
         """:func:`statistics_arguments` of this layer's mode, options and buffers."""
@@ -143,8 +143,10 @@ class BatchNormBase(_BatchNorm):
     @torch.jit.unused
     def _python_forward(self, input, residual):
         if isinstance(input, torch.fx.Proxy):
-            return _fx_leaf(self, input, residual)
-        with functional.untraced():
+            return record_as_fx_leaf(self, input, residual)
+        if torch._C._get_tracing_state():
+            functional.untraced(self._check_input_dim, input)
+        else:
             self._check_input_dim(input)
         return self._local_batch_norm(input, residual, *self._statistics_arguments())
 
@@ -165,7 +167,7 @@ class BatchNormBase(_BatchNorm):
         return epilogue(y, self.activation, residual)
 
 
-def _fx_leaf(module: nn.Module, input, residual):
+def record_as_fx_leaf(module: nn.Module, input, residual):
     """Record ``module`` as one ``call_module`` node of the graph ``torch.fx`` is tracing (what
     fx does for torch.nn's BN layers): the traced graph then runs the layer itself, with its
     checks and running statistics."""
@@ -189,6 +191,8 @@ class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):
         momentum: weight of the newest batch in the running averages, in [0, 1], or ``None``
             for a cumulative average. Default 0.1.
         affine: learn gamma (``weight``) and beta (``bias``). Default True.
+        bias: with ``affine``, learn beta too; ``False`` keeps only gamma (``bias`` is None),
+            as torch's ``bias=False``. Default True.
         track_running_stats: keep running estimates; if False, evaluation also uses batch
             statistics. Default True.
         activation: optional fused nonlinearity after BN and the residual: ``"relu"``,

@@ -31,7 +31,9 @@ def reduce_dims(x: torch.Tensor) -> list[int]:
 
 def per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Shape a (C,) tensor to broadcast against ``like`` of shape (N, C, *spatial)."""
-    return t.reshape([1, t.shape[0]] + [1] * (like.dim() - 2))
+    if torch.jit.is_scripting():
+        return t.reshape([1, -1] + [1] * (like.dim() - 2))
+    return t.reshape(1, -1, *([1] * (like.dim() - 2)))  # a list argument costs more in eager
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

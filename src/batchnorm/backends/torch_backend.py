@@ -32,16 +32,19 @@ remains as a deprecated alias.
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
 from batchnorm import cpu as cpu_kernels
 from batchnorm.activations import epilogue
 from batchnorm.backends import composite
 from batchnorm.backends.function import BatchNormFunction, closed_form_backward
+from batchnorm.backends import active_transform
 from batchnorm.statistics import cast, compute_dtype, per_channel
 
-__all__ = ["BatchNormFunction", "batch_norm", "closed_form_backward", "supports",
+__all__ = ["COMPOSABLE", "BatchNormFunction", "batch_norm", "closed_form_backward", "supports",
            "training_batch_norm"]
+
+#: works under torch.func transforms, forward-mode AD and torch.jit.trace (see the seam)
+COMPOSABLE = True
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 #: the types of weight and bias that the fused kernels read (no tensor subclasses)
@@ -68,10 +71,8 @@ def _plain_eager(x, weight, bias) -> bool:
     return (
         type(x) is torch.Tensor and x.dtype in _FUSED_DTYPES and x.is_cpu
         and type(weight) in _PLAIN and type(bias) in _PLAIN
-        and _forward_ad._current_level < 0
-        and not torch._C._get_tracing_state()
-        and torch._C._functorch.peek_interpreter_stack() is None
         and not torch._C._len_torch_dispatch_stack()
+        and active_transform() is None
     )
 
 
@@ -81,13 +82,13 @@ def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, ep
     Three forms of the same math (module docstring): the fused C++ kernels in plain eager mode,
     the plain ATen composite when compiling, exporting or tracing, and
     :class:`BatchNormFunction` for everything else."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return composite.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
-                                    eps)
-    if _plain_eager(x, weight, bias):
+    if not torch.compiler.is_compiling() and _plain_eager(x, weight, bias):
         y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
         if y is not None:
             return y
+    elif torch.compiler.is_compiling() or torch._C._get_tracing_state():
+        return composite.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
+                                    eps)
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)[0]
 
 
@@ -97,7 +98,7 @@ def batch_norm(
     """The torch backend; arguments are already validated by :mod:`batchnorm.functional`."""
     if training:
         y = training_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
-    elif torch.compiler.is_compiling() or torch.jit.is_tracing():
+    elif torch._C._get_tracing_state() or torch.compiler.is_compiling():
         # torch's operation: exporters and compilers fold it into a preceding convolution
         y = composite.batch_norm(input, running_mean, running_var, weight, bias, False, momentum,
                                  eps)
