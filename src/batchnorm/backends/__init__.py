@@ -22,8 +22,8 @@ Other backends can be added at run time with :func:`register_backend`.
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when it is available and supports the
 call, and ``"torch"`` otherwise. A backend that is not ``composable`` (a module constant
 ``COMPOSABLE``; only ``"torch"`` is) does not support calls under ``torch.func`` transforms,
-forward-mode AD or ``torch.jit.trace`` (:func:`active_transform`). Naming a backend explicitly never falls back silently: an
-unsupported call raises with the backend's reason.
+forward-mode AD or ``torch.jit.trace`` (:func:`active_transform`). Naming a backend
+explicitly never falls back silently: an unsupported call raises with the backend's reason.
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _load(name: str) -> Backend | None:
+@torch.compiler.assume_constant_result
+def _import(name: str) -> bool:
+    """Import and register backend ``name`` if it is one of ours and not yet loaded; return
+    whether it is registered. Under ``torch.compile`` this runs as plain Python while the graph
+    is traced, its result a constant of the graph: Dynamo cannot trace the import machinery,
+    and a model compiled before its first eager call still loads its backend here."""
     if name not in _REGISTRY and name in _LAZY and name not in _IMPORT_ERRORS:
         try:
             module = importlib.import_module(_LAZY[name])
@@ -73,7 +78,11 @@ def _load(name: str) -> Backend | None:
         else:
             register_backend(Backend(name, module.batch_norm, module.supports,
                                      getattr(module, "COMPOSABLE", False)))
-    return _REGISTRY.get(name)
+    return name in _REGISTRY
+
+
+def _load(name: str) -> Backend | None:
+    return _REGISTRY.get(name) if _import(name) else None
 
 
 def active_transform() -> str | None:

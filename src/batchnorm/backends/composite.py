@@ -69,7 +69,9 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None,
         y = y + per_channel(cast(bias, y.dtype), y)
     if running_mean is not None and running_var is not None:
         batch_mean = mean.detach().reshape(-1)
-        batch_var = var.detach().reshape(-1) * (count / (count - 1))
+        # var * count / (count - 1), not var * (count / (count - 1)): under torch.jit.trace
+        # count is a traced integer tensor, whose true division would round to float32
+        batch_var = var.detach().reshape(-1) * count / (count - 1)
         running_mean.lerp_(cast(batch_mean, running_mean.dtype), momentum)
         running_var.lerp_(cast(batch_var, running_var.dtype), momentum)
     return cast(y, x.dtype)

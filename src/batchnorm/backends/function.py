@@ -59,8 +59,18 @@ def closed_form_backward(dy, centered, weight, invstd):
 def update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """``running = (1 - momentum) running + momentum batch``, with the unbiased
     ``count/(count-1)`` variance, in place."""
+    if _is_batched(mean) and not _is_batched(running_mean):
+        raise RuntimeError(
+            "batch_norm: got an input batched by torch.func.vmap while running_mean and "
+            "running_var, which are updated in place, are not batched (torch.nn's BN refuses "
+            "this too). Use track_running_stats=False, or torch.func.replace_all_batch_norm_"
+            "modules_(model) to stop updating them, or vmap over stacked buffers as well."
+        )
     running_mean.lerp_(cast(mean, running_mean.dtype), momentum)
     running_var.lerp_(cast(var * (count / (count - 1)), running_var.dtype), momentum)
+
+
+_is_batched = torch._C._functorch.is_batchedtensor
 
 
 class BatchNormFunction(torch.autograd.Function):

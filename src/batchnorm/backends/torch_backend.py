@@ -35,9 +35,8 @@ import torch
 
 from batchnorm import cpu as cpu_kernels
 from batchnorm.activations import epilogue
-from batchnorm.backends import composite
+from batchnorm.backends import active_transform, composite
 from batchnorm.backends.function import BatchNormFunction, closed_form_backward
-from batchnorm.backends import active_transform
 from batchnorm.statistics import cast, compute_dtype, per_channel
 
 __all__ = ["COMPOSABLE", "BatchNormFunction", "batch_norm", "closed_form_backward", "supports",
