@@ -110,12 +110,12 @@ def check_arguments(
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"batch_norm: input must be floating point, got dtype {input.dtype}")
-    if input.dim() < 2:
+    if input.dim() < 2 and input.numel():  # an empty 1-D input is an empty batch (as torch)
         raise ValueError(
             f"batch_norm: input must have at least 2 dimensions (N, C, ...), got shape "
             f"{tuple(input.shape)}"
         )
-    channels = input.shape[1]
+    channels = input.shape[1] if input.dim() >= 2 else 0
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
              "bias": bias}
     for name, tensor in named.items():

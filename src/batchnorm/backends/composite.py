@@ -29,8 +29,11 @@ from batchnorm.statistics import cast, compute_dtype, per_channel, reduce_dims
 def empty_batch(x: torch.Tensor, weight: torch.Tensor | None,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """BN of an input without values, as torch's: an empty output, still connected to
-    ``weight`` and ``bias`` so that their gradients are zeros; no statistics to update."""
+    ``weight`` and ``bias`` so that their gradients are zeros; no statistics to update.
+    (A 1-D empty input has no channels: torch accepts it too.)"""
     y = x.clone()
+    if x.dim() < 2:
+        return y
     if weight is not None:
         y = y * per_channel(cast(weight, y.dtype), y)
     if bias is not None:
@@ -40,7 +43,9 @@ def empty_batch(x: torch.Tensor, weight: torch.Tensor | None,
 
 def check_values_per_channel(x: torch.Tensor, training: bool) -> None:
     """Batch statistics need 2 values per channel or more (or none: an empty batch)."""
-    per_channel_values = x.numel() // x.shape[1] if x.shape[1] > 0 else 0
+    if x.dim() < 2 or x.shape[1] == 0:
+        return
+    per_channel_values = x.numel() // x.shape[1]
     if training and per_channel_values == 1:
         raise ValueError(
             f"batch_norm: expected more than 1 value per channel when training, got input of "
