@@ -250,14 +250,21 @@ def test_compile_fullgraph_training_matches_torch(path, backend):
     _assert_same_state(ours, theirs)
 
 
-def test_compile_with_the_triton_backend():
+def test_triton_backend_compiles_and_exports():
+    """The Triton kernels' torch.library operators (under the interpreter on the CPU): a
+    compiled training step and an exported training graph, with bias=False, match torch."""
     pytest.importorskip("triton")
     torch._dynamo.reset()
-    ours, theirs = batchnorm.BatchNorm2d(3, backend="triton"), nn.BatchNorm2d(3)
+    x = _x().float()
+    ours = batchnorm.BatchNorm2d(3, bias=False, backend="triton")
+    theirs = nn.BatchNorm2d(3, bias=False)
     (y1, g1), (y2, g2) = _step(torch.compile(ours, fullgraph=True, backend="aot_eager"),
-                               _x().float()), _step(theirs, _x().float())
+                               x), _step(theirs, x)
     assert rel_err(y1, y2) < 1e-5 and rel_err(g1[0], g2[0]) < 1e-4
     _assert_same_state(ours, theirs, 1e-5)
+    exported = torch.export.export(ours, (x,)).module()
+    assert rel_err(exported(x), theirs(x)) < 1e-5
+    _assert_same_state(exported, theirs, 1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False])

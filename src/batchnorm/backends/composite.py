@@ -47,8 +47,8 @@ def check_values_per_channel(x: torch.Tensor, training: bool) -> None:
         return
     per_channel_values = x.numel() // x.shape[1]
     if training and per_channel_values == 1:
-        raise ValueError(
-            f"batch_norm: expected more than 1 value per channel when training, got input of "
+        raise ValueError(  # "Expected more ... when training" is torch's wording
+            f"batch_norm: Expected more than 1 value per channel when training, got input of "
             f"shape {x.shape} (1 per channel); batch statistics need at least 2 values per "
             "channel"
         )
