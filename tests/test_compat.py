@@ -382,3 +382,23 @@ def test_onnx_export_emits_torch_graph(path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     ours = _models()[0].float().eval()
     assert rel_err(torch.from_numpy(got), ours(x)) < 1e-5
+
+
+def test_fx_symbolic_trace_of_the_function(path):
+    """A direct call of batchnorm.batch_norm is recorded as one call_function node."""
+    def f(x, mean, var, weight):
+        return batchnorm.batch_norm(x, mean, var, weight, None, True, 0.3, activation="relu")
+
+    def g(x, mean, var, weight):
+        return nn.functional.batch_norm(x, mean, var, weight, None, True, 0.3).relu()
+
+    graph = torch.fx.symbolic_trace(f)
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [
+        batchnorm.batch_norm]
+    states = [(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+              for _ in range(2)]
+    weight = torch.rand(3, dtype=torch.float64) + 0.5
+    assert rel_err(graph(_x((4, 3, 2)), *states[0], weight),
+                   g(_x((4, 3, 2)), *states[1], weight)) < TOL
+    for got, want in zip(*states, strict=True):
+        assert rel_err(got, want) < TOL

@@ -66,6 +66,11 @@ def batch_norm(
     that channel's batch statistics NaN/Inf and hence its whole output (and, in training, its
     running statistics) NaN; other channels are unaffected. This matches ``torch.nn``.
     """
+    if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: one node that calls this function
+        return input.tracer.create_proxy(
+            "call_function", batch_norm, (input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps),
+            dict(activation=activation, residual=residual, backend=backend))
     empty = untraced(
         check_arguments, input, running_mean, running_var, weight, bias, training, momentum, eps,
         activation, residual,
