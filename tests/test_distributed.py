@@ -465,7 +465,7 @@ def test_convert_sync_keeps_optimizer_and_round_trips(rng):
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
 
 
-def test_eval_without_process_group_and_training_error(rng):
+def test_without_process_group_runs_as_plain_batch_norm(rng):
     if dist.is_initialized():
         pytest.skip("a process group is initialized in this process")
     x = torch.randn(6, 3, 4, 4, generator=rng, dtype=torch.float64) * 2 + 1
@@ -476,9 +476,20 @@ def test_eval_without_process_group_and_training_error(rng):
     assert rel_err(sync(x), ref(x)) < TOL
     no_stats = SyncBatchNorm(3, track_running_stats=False, dtype=torch.float64).eval()
     assert rel_err(no_stats(x), F.batch_norm(x, None, None, training=True)) < TOL
+    # training without a process group: plain BN, as torch.nn.SyncBatchNorm does
     sync.train()
-    with pytest.raises(RuntimeError, match="needs an initialized torch.distributed"):
-        sync(x)
+    reference = nn.SyncBatchNorm(3, dtype=torch.float64)
+    reference.load_state_dict(sync.state_dict())
+    xs = (x.clone().requires_grad_(), x.clone().requires_grad_())
+    y_ours, y_ref = sync(xs[0]), reference(xs[1])
+    assert rel_err(y_ours, y_ref) < TOL
+    y_ours.sin().sum().backward()
+    y_ref.sin().sum().backward()
+    assert rel_err(xs[0].grad, xs[1].grad) < TOL
+    assert rel_err(sync.weight.grad, reference.weight.grad) < TOL
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert rel_err(getattr(sync, name), getattr(reference, name)) < TOL
+    # merging statistics is a collective: it needs the process group
     with pytest.raises(RuntimeError, match="needs an initialized torch.distributed"):
         merge_across_processes(torch.zeros(3), torch.ones(3), 4)
 

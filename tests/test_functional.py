@@ -168,8 +168,8 @@ def _call(**overrides):
     (dict(input=torch.randn(4)), ValueError, "at least 2 dimensions"),
     (dict(input=torch.ones(4, 3, dtype=torch.int64)), TypeError, "floating point"),
     (dict(input=[1.0, 2.0]), TypeError, "input must be a torch.Tensor"),
-    (dict(eps=0.0), ValueError, "eps must be a positive number"),
-    (dict(eps=-1e-5), ValueError, "eps must be a positive number"),
+    (dict(eps=0.0), ValueError, "eps must be positive"),  # torch's wording
+    (dict(eps=-1e-5), ValueError, "eps must be positive"),
     (dict(momentum=1.5), ValueError, "momentum must be a number in \\[0, 1\\]"),
     (dict(momentum=-0.1), ValueError, "momentum must be a number in \\[0, 1\\]"),
     (dict(momentum=None), ValueError, "momentum must be a number"),
@@ -185,6 +185,19 @@ def _call(**overrides):
 def test_bad_input_names_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1, None])
+def test_momentum_is_checked_only_where_it_is_used(momentum, rng):
+    """Eval and training without running statistics ignore momentum (as torch does)."""
+    x = torch.randn(4, 3, 2, generator=rng, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    expected = F.batch_norm(x, rm, rv, training=False)
+    assert rel_err(batch_norm(x, rm, rv, training=False, momentum=momentum), expected) < 1e-12
+    expected = F.batch_norm(x, None, None, training=True)
+    assert rel_err(batch_norm(x, None, None, training=True, momentum=momentum), expected) < 1e-12
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        batch_norm(x, rm, rv, training=True, momentum=momentum)
 
 
 def test_explicit_backend_never_falls_back_silently():

@@ -168,7 +168,7 @@ def test_bad_constructor_arguments():
         batchnorm.BatchNorm2d(3, activation="swish")
     with pytest.raises(ValueError, match="momentum must be a number in"):
         batchnorm.BatchNorm2d(3, momentum=2.0)(torch.randn(2, 3, 2, 2))
-    with pytest.raises(ValueError, match="eps must be a positive number"):
+    with pytest.raises(ValueError, match="eps must be positive"):
         batchnorm.BatchNorm2d(3, eps=0.0)(torch.randn(2, 3, 2, 2))
 
 

@@ -1,27 +1,45 @@
 """The one table of activations our BN layers can fuse, and the epilogue that applies them.
 
 Every layer computes ``y = activation(BN(x) + residual)``. This module owns the names (what
-users pass as ``activation=``), the ATen implementation of each, the integer code the Triton
-kernels branch on, the ``torch.nn`` module of each (what :func:`batchnorm.fold` leaves behind),
-and the check that turns a bad name into an error that lists the choices.
+users pass as ``activation=``), the ATen implementation of each (:func:`activate`), the integer
+code the Triton kernels branch on, the ``torch.nn`` module of each (what :func:`batchnorm.fold`
+leaves behind), and the check that turns a bad name into an error that lists the choices.
 Backends, modules, ``SyncBatchNorm``, ``convert`` and the tests all read it from here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: name -> ATen implementation. ``leaky_relu`` uses torch's default negative slope 0.01.
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation(y)`` for a name of :data:`ACTIVATIONS` (``None``: ``y``). An ``if`` chain,
+    not a table of callables, so that TorchScript compiles it (the scripted layers use it)."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y)  # torch's default negative slope 0.01
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "tanh":
+        return torch.tanh(y)
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError("activation must be None or one of relu, leaky_relu, sigmoid, tanh, silu")
+
+
+#: the activations' names, in the order of the kernels' codes
+NAMES = ["relu", "leaky_relu", "sigmoid", "tanh", "silu"]
+#: name -> the function computing it (:func:`activate` with that name)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "silu": F.silu,
+    name: functools.partial(activate, activation=name) for name in NAMES
 }
 
 #: name (or ``None`` for no activation) -> the ``ACT`` constant the Triton kernels branch on.
@@ -47,10 +65,10 @@ def check_activation(activation, who: str) -> None:
         )
 
 
-def epilogue(y: torch.Tensor, activation: str | None, residual: torch.Tensor | None):
-    """``activation(y + residual)`` with either part optional (ATen ops, exact autograd)."""
+def epilogue(y: torch.Tensor, activation: str | None,
+             residual: torch.Tensor | None) -> torch.Tensor:
+    """``activation(y + residual)`` with either part optional (ATen ops, exact autograd;
+    TorchScript compiles it)."""
     if residual is not None:
         y = y + residual
-    if activation is not None:
-        y = ACTIVATIONS[activation](y)
-    return y
+    return activate(y, activation)

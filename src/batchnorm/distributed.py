@@ -47,7 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional
 from batchnorm.activations import epilogue
-from batchnorm.modules import TORCH_TO_OURS, BatchNormBase
+from batchnorm.modules import TORCH_TO_OURS, BatchNormBase, record_as_fx_leaf
 from batchnorm.process_group import is_initialized
 from batchnorm.statistics import (
     cast,
@@ -283,6 +283,8 @@ class SyncBatchNorm(BatchNormBase):
         momentum: weight of the newest batch in the running averages, or ``None`` for a
             cumulative average. Default 0.1.
         affine: learn gamma (``weight``) and beta (``bias``). Default True.
+        bias: with ``affine``, learn beta too; ``False`` keeps only gamma (``bias`` is None),
+            as torch's ``bias=False``. Default True.
         track_running_stats: keep running estimates (updated from the global statistics,
             identically on every process). Default True.
         process_group: the processes whose shards form the mini-batch; default the world.
@@ -291,11 +293,13 @@ class SyncBatchNorm(BatchNormBase):
         backend: the backend of the computations that need no communication (evaluation, or
             a group of one process); see :mod:`batchnorm.backends`.
 
-    In training ``torch.distributed`` must be initialized and this process must belong to
-    ``process_group``; with a group of one process BN runs locally. Evaluation uses the running
-    statistics (or, with ``track_running_stats=False``, this process's batch statistics, as
-    ``torch.nn.SyncBatchNorm`` does) and makes no collective call, so it also works without a
-    process group. Double backward is not supported.
+    In training with ``torch.distributed`` initialized, this process must belong to
+    ``process_group``; with a group of one process, or no process group at all (as
+    ``torch.nn.SyncBatchNorm``), BN runs locally as :class:`batchnorm.BatchNorm2d` would.
+    Evaluation uses the running statistics (or, with ``track_running_stats=False``, this
+    process's batch statistics, as ``torch.nn.SyncBatchNorm`` does) and makes no collective
+    call. Double backward across processes is not supported, nor ``torch.jit.script`` (convert
+    to :class:`batchnorm.BatchNorm2d` first; see :meth:`to_batchnorm`).
 
     ``forward(input, residual=None)`` returns ``activation(BN(input) + residual)``.
     """
@@ -303,18 +307,31 @@ class SyncBatchNorm(BatchNormBase):
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, process_group=None,
-        device=None, dtype=None, *, activation: str | None = None, backend: str = "auto",
+        device=None, dtype=None, *, bias: bool = True, activation: str | None = None,
+        backend: str = "auto",
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         activation=activation, backend=backend)
+                         bias=bias, activation=activation, backend=backend)
         self.process_group = process_group
         # The BatchNorm1d/2d/3d class that to_batchnorm() returns; known after from_batchnorm.
         self._batchnorm_class: type | None = None
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "SyncBatchNorm cannot be compiled by torch.jit.script: its statistics exchange is "
+            "Python (torch.nn.SyncBatchNorm cannot be scripted either). Script the model after "
+            "batchnorm.convert(model, to='batchnorm') (or layer.to_batchnorm()), which keeps "
+            "the parameters and statistics, or use torch.compile."
+        )
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return record_as_fx_leaf(self, input, residual)
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats, factor = self._statistics_arguments()
-        world = process_group_size(self.process_group) if self.training else 1
+        # Without a process group there is nothing to synchronize with: plain BN, as torch's
+        world = process_group_size(self.process_group) if (
+            self.training and is_initialized()) else 1
         if world == 1:  # nothing to exchange: the ordinary computation (checks every argument)
             return self._local_batch_norm(input, residual, running_mean, running_var,
                                           use_batch_stats, factor)

@@ -12,7 +12,8 @@ import numbers
 import torch
 
 from batchnorm import backends
-from batchnorm.activations import check_activation
+from batchnorm.activations import check_activation, epilogue
+from batchnorm.backends import composite
 
 
 def batch_norm(
@@ -49,7 +50,8 @@ def batch_norm(
         running_mean, running_var: ``(C,)`` or both ``None`` (then only ``training=True`` works).
         weight, bias: ``(C,)`` gamma and beta, or ``None`` for 1 and 0.
         training: normalize with batch statistics (and update the running ones).
-        momentum: in ``[0, 1]``, the weight of the new batch in the running averages.
+        momentum: in ``[0, 1]``, the weight of the new batch in the running averages (checked
+            only when it is used: in training with running statistics).
         eps: ``> 0``, added to the variance.
         activation: ``None``, ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"sigmoid"``,
             ``"tanh"`` or ``"silu"``, applied after the residual add.
@@ -57,26 +59,53 @@ def batch_norm(
         backend: ``"auto"`` (Triton kernels for CUDA tensors when available, else ``"torch"``),
             ``"torch"`` or ``"triton"``.
 
+    An empty ``input`` (no values per channel) gives an empty output, zero gradients for
+    ``weight`` and ``bias`` and leaves the running statistics as they are, as torch does.
+
     NaN and Inf: BN mixes values only within a channel, so a NaN or Inf in the input makes
     that channel's batch statistics NaN/Inf and hence its whole output (and, in training, its
     running statistics) NaN; other channels are unaffected. This matches ``torch.nn``.
     """
-    check_arguments(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-        residual,
+    if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: one node that calls this function
+        return input.tracer.create_proxy(
+            "call_function", batch_norm, (input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps),
+            dict(activation=activation, residual=residual, backend=backend))
+    empty = untraced(
+        check_arguments, input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation, residual,
     )
+    if empty:  # as torch: an empty output, zero gradients, statistics untouched
+        return epilogue(composite.empty_batch(input, weight, bias), activation, residual)
     impl = backends.resolve(backend, input, weight, training, activation, residual)
     return impl.batch_norm(
-        input, running_mean, running_var, weight, bias, bool(training), float(momentum),
+        input, running_mean, running_var, weight, bias, bool(training),
+        0.0 if momentum is None else float(momentum),  # None only where it is unused
         float(eps), activation, residual,
     )
+
+
+def untraced(fn, *args):
+    """``fn(*args)`` with ``torch.jit.trace`` paused: for checks that read shapes, which the
+    tracer would record as tensors (and warn when they are compared). A trace's shapes are
+    fixed, so checking them once, while tracing, is all a check can do. (A plain function, not
+    a context manager: this runs on every call, where a generator's microsecond shows.)"""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        return fn(*args)
+    torch._C._set_tracing_state(None)
+    try:
+        return fn(*args)
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def check_arguments(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
     *, sharded: bool = False,
-) -> None:
-    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take.
+) -> bool:
+    """Raise a clear error naming the argument for anything :func:`batch_norm` cannot take;
+    return whether ``input`` is empty (a batch without values, which needs no backend).
 
     ``sharded=True`` is for a batch split over processes (:class:`batchnorm.SyncBatchNorm`):
     this process's part may then hold fewer than 2 values per channel (even none), and the
@@ -86,12 +115,12 @@ def check_arguments(
         raise TypeError(f"batch_norm: input must be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"batch_norm: input must be floating point, got dtype {input.dtype}")
-    if input.dim() < 2:
+    if input.dim() < 2 and input.numel():  # an empty 1-D input is an empty batch (as torch)
         raise ValueError(
             f"batch_norm: input must have at least 2 dimensions (N, C, ...), got shape "
             f"{tuple(input.shape)}"
         )
-    channels = input.shape[1]
+    channels = input.shape[1] if input.dim() >= 2 else 0
     named = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
              "bias": bias}
     for name, tensor in named.items():
@@ -120,18 +149,16 @@ def check_arguments(
         raise ValueError("batch_norm: running_mean and running_var are required when "
                          "training=False (evaluation uses the population statistics)")
     if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"batch_norm: eps must be a positive number, got {eps!r}")
-    if (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
+        # "eps must be positive" is torch's wording, which code and tests match on
+        raise ValueError(f"batch_norm: eps must be positive (a number > 0 added to the "
+                         f"variance, e.g. 1e-5), got {eps!r}")
+    # momentum is only used to update running statistics (eval ignores it, as torch does)
+    if training and running_mean is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)
             or not 0.0 <= momentum <= 1.0):
         raise ValueError(f"batch_norm: momentum must be a number in [0, 1], got {momentum!r}")
-    if training and not sharded:
-        per_channel = input.numel() // channels if channels else 0
-        if per_channel < 2:
-            raise ValueError(
-                f"batch_norm: expected more than 1 value per channel when training, got input "
-                f"of shape {tuple(input.shape)} ({per_channel} per channel); batch statistics "
-                "need at least 2 values per channel"
-            )
+    if not sharded:
+        composite.check_values_per_channel(input, training)
     check_activation(activation, "batch_norm")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
@@ -148,3 +175,4 @@ def check_arguments(
         if residual.dtype != input.dtype:
             raise TypeError(f"batch_norm: residual must have input's dtype {input.dtype}, got "
                             f"{residual.dtype}")
+    return input.numel() == 0

@@ -19,29 +19,85 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from batchnorm import functional
-from batchnorm.activations import check_activation
+from batchnorm.activations import check_activation, epilogue
+from batchnorm.backends import composite
+
+
+def statistics_arguments(
+    training: bool, track_running_stats: bool, momentum: float | None,
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
+    """``(running_mean, running_var, use_batch_stats, factor)`` for one call, as torch's
+    ``_BatchNorm.forward`` decides them; counts the batch in ``num_batches_tracked`` (an empty
+    batch too, as torch does). TorchScript compiles it (the scripted layers use it).
+
+    Batch statistics are used in training, or always when no running statistics are kept;
+    the running ones are passed (to be updated or used) unless training without tracking.
+    ``factor`` is the running-average weight of this batch (``momentum``, or ``1 / batches``
+    for a cumulative average when ``momentum`` is None); 0 when nothing is updated.
+    """
+    factor = 0.0
+    if training and track_running_stats:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            if num_batches_tracked is not None:
+                factor = 1.0 / float(num_batches_tracked)
+        else:
+            factor = momentum
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    if training and not track_running_stats:
+        running_mean = None
+        running_var = None
+    return running_mean, running_var, use_batch_stats, factor
+
+
+def check_input(input: torch.Tensor, num_features: int, expected_dims: list[int],
+                who: str) -> None:
+    """The layer's own checks (rank, channels), naming the layer; ``expected_dims`` (a list
+    in TorchScript, any sequence in Python) empty: any rank >= 2. TorchScript compiles it."""
+    if len(expected_dims) == 0:
+        if input.dim() < 2:
+            raise ValueError(f"{who}: expected input of rank >= 2 (N, C, ...), got shape "
+                             f"{input.shape}")
+    elif input.dim() not in expected_dims:
+        raise ValueError(f"{who}: expected {' or '.join([f'{d}D' for d in expected_dims])} "
+                         f"input, got {input.dim()}D input of shape {input.shape}")
+    if input.shape[1] != num_features:
+        raise ValueError(
+            f"{who}({num_features}): input has {input.shape[1]} channels (dimension 1 of shape "
+            f"{input.shape}), expected num_features={num_features}"
+        )
 
 
 class BatchNormBase(_BatchNorm):
     """What every BN layer of ours shares, :class:`batchnorm.SyncBatchNorm` included.
 
-    On top of torch's ``_BatchNorm`` (parameters, buffers, ``state_dict``): the two keyword-only
-    options (a fused ``activation``, the ``backend``), the input checks, the running-average
-    factor and the choice of statistics, all as ``torch.nn.BatchNorm*d`` decides them. Its
-    :meth:`forward` is the single-process computation; ``SyncBatchNorm`` overrides it to pool
-    the statistics over processes.
+    On top of torch's ``_BatchNorm`` (parameters, buffers, ``state_dict``, every constructor
+    argument of torch's): the two keyword-only options (a fused ``activation``, the
+    ``backend``), the input checks, the running-average factor and the choice of statistics,
+    all as ``torch.nn.BatchNorm*d`` decides them. Its :meth:`forward` is the single-process
+    computation; ``SyncBatchNorm`` overrides it to pool the statistics over processes.
+
+    Tools that trace or compile: under ``torch.fx`` tracing the layer is recorded as one
+    ``call_module`` (a leaf, as torch's BN layers are); ``torch.jit.script`` compiles
+    :meth:`_scripted_forward`, the same computation in plain ATen operations
+    (:mod:`batchnorm.backends.composite`).
     """
 
-    #: the input ranks this layer accepts; ``None``: any rank >= 2
-    _expected_dims: tuple[int, ...] | None = None
+    #: the input ranks this layer accepts; empty: any rank >= 2 (a TorchScript constant)
+    _expected_dims = ()
+    __constants__ = [*_BatchNorm.__constants__, "_expected_dims"]
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-        activation: str | None = None, backend: str = "auto",
+        bias: bool = True, activation: str | None = None, backend: str = "auto",
     ):
         check_activation(activation, type(self).__name__)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
         self.activation = activation
         self.backend = backend
 
@@ -54,49 +110,19 @@ class BatchNormBase(_BatchNorm):
         return text
 
     def _check_input_dim(self, input):
-        who = type(self).__name__
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{who}: input must be a tensor, got {type(input).__name__}")
-        if self._expected_dims is None:
-            if input.dim() < 2:
-                raise ValueError(f"{who}: expected input of rank >= 2 (N, C, ...), got shape "
-                                 f"{tuple(input.shape)}")
-        elif input.dim() not in self._expected_dims:
-            wanted = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"{who}: expected {wanted} input, got {input.dim()}D input of "
-                             f"shape {tuple(input.shape)}")
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{who}({self.num_features}): input has {input.shape[1]} channels (dimension 1 "
-                f"of shape {tuple(input.shape)}), expected num_features={self.num_features}"
-            )
-
-    def _averaging_factor(self, num_batches_tracked) -> float:
-        """The running-average weight of this batch; counts batches (torch's convention)."""
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            return 1.0 / float(num_batches_tracked)
-        return self.momentum
+            raise TypeError(f"{type(self).__name__}: input must be a tensor, got "
+                            f"{type(input).__name__}")
+        check_input(input, self.num_features, self._expected_dims, type(self).__name__)
 
     def _statistics_arguments(self):
-        """``(running_mean, running_var, use_batch_stats, momentum)`` for this call, as torch's
-        ``_BatchNorm.forward`` decides them; counts the batch in ``num_batches_tracked``.
-
-        Batch statistics are used in training, or always when no running statistics are kept;
-        the running ones are passed (to be updated or used) unless training without tracking.
-        """
+        """:func:`statistics_arguments` of this layer's mode, options and buffers."""
         # Buffers read from their dict once: Module.__getattr__ costs about a microsecond per
         # lookup, which shows next to a small layer's whole forward.
         buffers = self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        factor = self._averaging_factor(buffers["num_batches_tracked"])
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        if self.training and not self.track_running_stats:
-            running_mean = running_var = None
-        return running_mean, running_var, use_batch_stats, factor
+        return statistics_arguments(self.training, self.track_running_stats, self.momentum,
+                                    buffers["running_mean"], buffers["running_var"],
+                                    buffers["num_batches_tracked"])
 
     def _local_batch_norm(self, input, residual, running_mean, running_var, use_batch_stats,
                           factor) -> torch.Tensor:
@@ -110,8 +136,44 @@ class BatchNormBase(_BatchNorm):
         )
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input_dim(input)
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
+        return self._python_forward(input, residual)
+
+    @torch.jit.unused
+    def _python_forward(self, input, residual):
+        if isinstance(input, torch.fx.Proxy):
+            return record_as_fx_leaf(self, input, residual)
+        if torch._C._get_tracing_state():
+            functional.untraced(self._check_input_dim, input)
+        else:
+            self._check_input_dim(input)
         return self._local_batch_norm(input, residual, *self._statistics_arguments())
+
+    def _scripted_forward(self, input: torch.Tensor,
+                          residual: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` in TorchScript: the same checks, statistics and running averages,
+        computed by :func:`batchnorm.backends.composite.batch_norm` (``backend`` is ignored)."""
+        check_input(input, self.num_features, list(self._expected_dims), "BatchNorm")
+        running_mean, running_var, use_batch_stats, factor = statistics_arguments(
+            self.training, self.track_running_stats, self.momentum, self.running_mean,
+            self.running_var, self.num_batches_tracked)
+        composite.check_values_per_channel(input, use_batch_stats)
+        if input.numel() == 0:
+            y = composite.empty_batch(input, self.weight, self.bias)
+        else:
+            y = composite.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                     use_batch_stats, factor, self.eps)
+        return epilogue(y, self.activation, residual)
+
+
+def record_as_fx_leaf(module: nn.Module, input, residual):
+    """Record ``module`` as one ``call_module`` node of the graph ``torch.fx`` is tracing (what
+    fx does for torch.nn's BN layers): the traced graph then runs the layer itself, with its
+    checks and running statistics."""
+    tracer = input.tracer
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):
@@ -129,6 +191,8 @@ class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):
         momentum: weight of the newest batch in the running averages, in [0, 1], or ``None``
             for a cumulative average. Default 0.1.
         affine: learn gamma (``weight``) and beta (``bias``). Default True.
+        bias: with ``affine``, learn beta too; ``False`` keeps only gamma (``bias`` is None),
+            as torch's ``bias=False``. Default True.
         track_running_stats: keep running estimates; if False, evaluation also uses batch
             statistics. Default True.
         activation: optional fused nonlinearity after BN and the residual: ``"relu"``,

@@ -10,6 +10,10 @@ computed by two passes (first the mean, then the squares of the centered values)
 ``E[x^2] - E[x]^2``, which cancels catastrophically for data with a large offset. Statistics
 are computed in float32 at least (float64 stays float64). The ``"torch"`` backend, the
 synchronized layer and :func:`batchnorm.recalibrate` all use these functions.
+
+:func:`reduce_dims`, :func:`per_channel`, :func:`cast` and :func:`compute_dtype` are written
+in the subset of Python that TorchScript compiles, so the scripted layers
+(:mod:`batchnorm.backends.composite`) share them.
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ import torch
 
 def reduce_dims(x: torch.Tensor) -> list[int]:
     """Every dimension but the channel dimension 1."""
-    return [0, *range(2, x.dim())]
+    dims = [0]
+    for d in range(2, x.dim()):
+        dims.append(d)
+    return dims
 
 
 def per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Shape a (C,) tensor to broadcast against ``like`` of shape (N, C, *spatial)."""
-    return t.reshape(1, -1, *([1] * (like.dim() - 2)))
+    if torch.jit.is_scripting():
+        return t.reshape([1, -1] + [1] * (like.dim() - 2))
+    return t.reshape(1, -1, *([1] * (like.dim() - 2)))  # a list argument costs more in eager
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -34,7 +43,9 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Statistics and accumulation happen in float32 at least."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
 
 
 def centered_statistics(x: torch.Tensor):

@@ -5,12 +5,14 @@ A backend is a callable with the signature of :func:`batchnorm.functional.batch_
 predicate that says why it cannot take a given call (``None`` when it can).
 
 Backends shipped with the package, each a module exposing ``batch_norm`` and ``supports``
-that this seam imports on first use and registers (:data:`_LAZY`); the implementations do not
-import the seam, so importing :mod:`batchnorm.functional` loads neither of them:
+that this seam imports on first use and registers (:data:`_LAZY`); the seam imports neither
+of them, so importing :mod:`batchnorm.functional` loads neither (it loads only the plain ATen
+form, :mod:`batchnorm.backends.composite`, for empty batches):
 
 ``"torch"``
     :mod:`batchnorm.backends.torch_backend`: our closed-form autograd Function written in
-    PyTorch tensor ops (and fused C++ kernels on the CPU). Runs on every device and dtype,
+    PyTorch tensor ops (fused C++ kernels on the CPU in plain eager mode, plain ATen
+    operations for compilers and tracers). Runs on every device and dtype,
     supports every activation and residual; the fallback for everything.
 ``"triton"``
     :mod:`batchnorm.kernels`: our Triton GPU kernels, available when Triton imports.
@@ -18,8 +20,10 @@ import the seam, so importing :mod:`batchnorm.functional` loads neither of them:
 Other backends can be added at run time with :func:`register_backend`.
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when it is available and supports the
-call, and ``"torch"`` otherwise. Naming a backend explicitly never falls back silently: an
-unsupported call raises with the backend's reason.
+call, and ``"torch"`` otherwise. A backend that is not ``composable`` (a module constant
+``COMPOSABLE``; only ``"torch"`` is) does not support calls under ``torch.func`` transforms,
+forward-mode AD or ``torch.jit.trace`` (:func:`active_transform`). Naming a backend
+explicitly never falls back silently: an unsupported call raises with the backend's reason.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import forward_ad
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class Backend:
     batch_norm: Callable[..., torch.Tensor]
     # supports(input, weight, training, activation, residual) -> None or a reason string
     supports: Callable[..., str | None]
+    #: whether it works under torch.func transforms, forward-mode AD and torch.jit.trace; a
+    #: backend that is not is only chosen (or accepted) when none of them is active
+    composable: bool = False
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -56,15 +64,52 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _load(name: str) -> Backend | None:
+@torch.compiler.assume_constant_result
+def _import(name: str) -> bool:
+    """Import and register backend ``name`` if it is one of ours and not yet loaded; return
+    whether it is registered. Under ``torch.compile`` this runs as plain Python while the graph
+    is traced, its result a constant of the graph: Dynamo cannot trace the import machinery,
+    and a model compiled before its first eager call still loads its backend here."""
     if name not in _REGISTRY and name in _LAZY and name not in _IMPORT_ERRORS:
         try:
             module = importlib.import_module(_LAZY[name])
         except ImportError as error:  # e.g. Triton not installed
             _IMPORT_ERRORS[name] = f"{type(error).__name__}: {error}"
         else:
-            register_backend(Backend(name, module.batch_norm, module.supports))
-    return _REGISTRY.get(name)
+            register_backend(Backend(name, module.batch_norm, module.supports,
+                                     getattr(module, "COMPOSABLE", False)))
+    return name in _REGISTRY
+
+
+def _load(name: str) -> Backend | None:
+    return _REGISTRY.get(name) if _import(name) else None
+
+
+def active_transform() -> str | None:
+    """``None`` in plain eager mode, else which tool must see this call's operations, in
+    words (for error messages).
+
+    Kernels that write through raw pointers (our fused C++ CPU kernels, the Triton kernels'
+    eager path) are invisible to ``torch.func`` transforms (their wrapped tensors have no
+    storage), to forward-mode AD (no tangent rule) and to ``torch.jit.trace`` (which records
+    only the output's allocation). A few hundred nanoseconds: the fused path calls it on every
+    training call.
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vjp, jvp, vmap, ...) is active"
+    if forward_ad._current_level >= 0:
+        return "forward-mode AD (torch.autograd.forward_ad.dual_level) is active"
+    if torch._C._get_tracing_state():
+        return "torch.jit.trace is tracing"
+    return None
+
+
+def _reason(backend: Backend, input, weight, training, activation, residual) -> str | None:
+    """Why ``backend`` cannot run this call, or None."""
+    reason = backend.supports(input, weight, training, activation, residual)
+    if reason is None and not backend.composable and not torch.compiler.is_compiling():
+        reason = active_transform()
+    return reason
 
 
 def resolve(name: str, input: torch.Tensor, weight, training, activation, residual) -> Backend:
@@ -74,8 +119,8 @@ def resolve(name: str, input: torch.Tensor, weight, training, activation, residu
     if name == "auto":
         if input.is_cuda:
             triton = _load("triton")
-            if triton is not None and triton.supports(
-                input, weight, training, activation, residual
+            if triton is not None and _reason(
+                triton, input, weight, training, activation, residual
             ) is None:
                 return triton
         return _load("torch")
@@ -85,7 +130,7 @@ def resolve(name: str, input: torch.Tensor, weight, training, activation, residu
         if name in _IMPORT_ERRORS:
             raise RuntimeError(f"backend={name!r} is not available: {_IMPORT_ERRORS[name]}")
         raise ValueError(f"backend must be one of {known}, got {name!r}")
-    reason = backend.supports(input, weight, training, activation, residual)
+    reason = _reason(backend, input, weight, training, activation, residual)
     if reason is not None:
         raise NotImplementedError(
             f"backend={name!r} does not support this call: {reason}. "

@@ -1,24 +1,28 @@
-"""The ``"torch"`` backend: Algorithm 1 as an autograd Function with a closed-form backward.
+"""The ``"torch"`` backend: Algorithm 1 with a closed-form backward, in three forms.
 
-Forward (training), per channel c over the m = N * prod(spatial) values of the mini-batch::
+Training, per channel c over the m = N * prod(spatial) values of the mini-batch::
 
     mu, var = mean and biased variance   (two passes: no E[x^2] - E[x]^2)
     y       = gamma * (x - mu) / sqrt(var + eps) + beta
-            = scale * x + shift,  scale = gamma / sqrt(var + eps),  shift = beta - scale * mu
+    dbeta   = sum(dy),  dgamma = sum(dy * xhat)
+    dx      = gamma / (m sqrt(var + eps)) * (m dy - dbeta - xhat * dgamma)
 
-Backward, the paper's chain rule collapsed into two per-channel reductions::
+Each call takes the fastest form that the tools in play can see through:
 
-    dbeta  = sum(dy)
-    dgamma = sum(dy * xhat)
-    dx     = gamma / (m sqrt(var + eps)) * (m dy - dbeta - xhat * dgamma)
+1. plain eager mode on the CPU (float32/float64 tensors, no transform, tracer, forward-mode AD
+   level or dispatch mode): the fused C++ kernels with their C++ autograd Function
+   (:mod:`batchnorm.cpu`), a few passes over memory and little per-call overhead;
+2. ``torch.compile``, ``torch.export`` and ``torch.jit.trace``: plain ATen operations
+   (:mod:`batchnorm.backends.composite`) that the compiler fuses, the exporter records and the
+   tracer sees; evaluation is torch's own operation there, so it folds into convolutions;
+3. everything else (other dtypes and devices, ``torch.func`` transforms, forward-mode AD,
+   batched gradients, fake tensors): :class:`BatchNormFunction`
+   (:mod:`batchnorm.backends.function`), with a ``jvp`` and a generated vmap rule.
 
-On the CPU, float32 and float64 tensors go through fused C++ kernels that compute exactly these
-formulas in fewer passes, with the autograd Function in C++ too (:mod:`batchnorm.cpu`);
-everything else uses the ATen operations below. Both backwards are written so that when a
-second derivative is requested (``create_graph=True``) they recompute the statistics from ``x``
-inside the graph with differentiable tensor ops, so double backward is exact. Half-precision
-inputs are computed in float32 and cast back. The per-channel statistics helpers live in
-:mod:`batchnorm.statistics`, the activation epilogue in :mod:`batchnorm.activations`.
+Forms 1 and 3 recompute the statistics from ``x`` inside the graph when a second derivative
+is requested (``create_graph=True``), so double backward is exact; form 2 is differentiable
+to any order as it stands. Half-precision inputs are computed in float32 and cast back.
+Evaluation in eager mode is Algorithm 2's fixed affine map in ATen operations.
 
 The seam (:mod:`batchnorm.backends`) loads this module on the first call that needs it and
 registers its :func:`batch_norm` and :func:`supports`. Formerly ``batchnorm.autograd``, which
@@ -31,13 +35,19 @@ import torch
 
 from batchnorm import cpu as cpu_kernels
 from batchnorm.activations import epilogue
-from batchnorm.statistics import (
-    cast,
-    centered_statistics,
-    compute_dtype,
-    per_channel,
-    reduce_dims,
-)
+from batchnorm.backends import active_transform, composite
+from batchnorm.backends.function import BatchNormFunction, closed_form_backward
+from batchnorm.statistics import cast, compute_dtype, per_channel
+
+__all__ = ["COMPOSABLE", "BatchNormFunction", "batch_norm", "closed_form_backward", "supports",
+           "training_batch_norm"]
+
+#: works under torch.func transforms, forward-mode AD and torch.jit.trace (see the seam)
+COMPOSABLE = True
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+#: the types of weight and bias that the fused kernels read (no tensor subclasses)
+_PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
 def _affine(x, shift, scale):
@@ -52,76 +62,33 @@ def _scale_shift(mean, invstd, weight, bias):
     return scale, shift
 
 
-def closed_form_backward(dy, centered, weight, invstd):
-    """``(dx, dgamma, dbeta)`` from the two per-channel reductions (see module docstring).
-
-    ``centered`` is ``x - mu``. With ``gain = gamma * invstd`` the input gradient is
-    ``dx = gain * dy + k * (x - mu) + c``, ``k = -gain * invstd * dgamma / m``,
-    ``c = -gain * dbeta / m``: three elementwise passes and few per-channel ops, since on small
-    tensors every op's fixed cost dominates.
-    """
-    dims = reduce_dims(centered)
-    m = centered.numel() // centered.shape[1]
-    dyc = cast(dy, invstd.dtype)
-    dbeta = dyc.sum(dims)
-    dgamma = (dyc * centered).sum(dims).mul_(invstd)
-    gain = invstd if weight is None else cast(weight, invstd.dtype) * invstd
-    k = (gain * dgamma).mul_(invstd).mul_(-1.0 / m)
-    c = (gain * dbeta).mul_(-1.0 / m)
-    dx = (dyc * per_channel(gain, dyc)).addcmul_(centered, per_channel(k, dyc))
-    return cast(dx.add_(per_channel(c, dyc)), dy.dtype), dgamma, dbeta
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BN in ATen operations, for what the fused CPU kernels do not take (other
-    dtypes and devices). Updates the running statistics in place when they are given (as
-    ``torch.nn.functional.batch_norm`` does), so only ``y`` leaves the Function."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        ctx.eps = eps
-        mean, var, centered = centered_statistics(x)
-        invstd = (var + eps).rsqrt_()
-        # y = gamma * invstd * (x - mu) + beta, in place on the centered copy
-        scale = invstd if weight is None else cast(weight, invstd.dtype) * invstd
-        y = centered.mul_(per_channel(scale, centered))
-        if bias is not None:
-            y = y.add_(per_channel(cast(bias, y.dtype), y))
-        if running_mean is not None:
-            # running = (1 - momentum) running + momentum batch, with the unbiased m/(m-1) var
-            count = x.numel() // x.shape[1]
-            running_mean.lerp_(cast(mean, running_mean.dtype), momentum)
-            running_var.lerp_(cast(var.mul_(count / (count - 1)), running_var.dtype), momentum)
-        # x, not x - mu, is saved: the same memory as torch's BN; backward re-centers it.
-        ctx.save_for_backward(x, weight, mean, invstd)
-        return cast(y, x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            # Double backward: the statistics depend on x, so rebuild them inside the graph.
-            mean, var, centered = centered_statistics(x)
-            invstd = (var + ctx.eps).rsqrt()
-        else:
-            centered = cast(x, invstd.dtype) - per_channel(mean, x)
-        dx, dgamma, dbeta = closed_form_backward(dy, centered, weight, invstd)
-        return (
-            dx if need_x else None,
-            cast(dgamma, weight.dtype) if need_w else None,
-            cast(dbeta, weight.dtype if weight is not None else dbeta.dtype) if need_b else None,
-            None, None, None, None,
-        )
+def _plain_eager(x, weight, bias) -> bool:
+    """Whether this call may take the fused C++ kernels: plain CPU float32/64 tensors, in
+    eager mode with no transform, tracer, forward-mode AD level or dispatch mode active (each
+    of those must see the operations, which the kernels hide). About a microsecond of checks;
+    the order puts the cheapest and most often failing first."""
+    return (
+        type(x) is torch.Tensor and x.dtype in _FUSED_DTYPES and x.is_cpu
+        and type(weight) in _PLAIN and type(bias) in _PLAIN
+        and not torch._C._len_torch_dispatch_stack()
+        and active_transform() is None
+    )
 
 
 def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps):
-    """Algorithm 1 with its closed-form backward: the fused CPU kernels (float32/64 on the CPU)
-    or :class:`BatchNormFunction`; both update the running statistics in place."""
-    y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
-    if y is None:
-        y = BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)
-    return y
+    """Algorithm 1 with its closed-form backward, updating the running statistics in place.
+
+    Three forms of the same math (module docstring): the fused C++ kernels in plain eager mode,
+    the plain ATen composite when compiling, exporting or tracing, and
+    :class:`BatchNormFunction` for everything else."""
+    if not torch.compiler.is_compiling() and _plain_eager(x, weight, bias):
+        y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
+        if y is not None:
+            return y
+    elif torch.compiler.is_compiling() or torch._C._get_tracing_state():
+        return composite.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
+                                    eps)
+    return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)[0]
 
 
 def batch_norm(
@@ -130,6 +97,10 @@ def batch_norm(
     """The torch backend; arguments are already validated by :mod:`batchnorm.functional`."""
     if training:
         y = training_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
+    elif torch._C._get_tracing_state() or torch.compiler.is_compiling():
+        # torch's operation: exporters and compilers fold it into a preceding convolution
+        y = composite.batch_norm(input, running_mean, running_var, weight, bias, False, momentum,
+                                 eps)
     else:
         # Inference is Algorithm 2's fixed affine map; autograd through it is exact.
         invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)
