@@ -189,7 +189,7 @@ def test_bad_arguments_name_the_argument():
             InPlaceABN2d(4, negative_slope=bad)
     with pytest.raises(ValueError, match=r"alpha must be a finite number > 0"):
         InPlaceABN2d(4, activation="elu", alpha=0)
-    with pytest.raises(ValueError, match=r"batch_norm: expected more than 1 value per"):
+    with pytest.raises(ValueError, match=r"batch_norm: Expected more than 1 value per"):
         inplace_activated_batch_norm(torch.randn(1, 3), None, None, training=True)
     with pytest.raises(ValueError, match=r"InPlaceABN1d: expected 2D or 3D input"):
         InPlaceABN1d(3)(torch.randn(2, 3, 4, 5))

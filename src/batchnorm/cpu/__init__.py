@@ -35,9 +35,9 @@ def build_options() -> tuple[str, list[str]]:
     With AVX2 (which torch reports for AVX-512 machines too) the kernels use 32-byte vectors;
     otherwise the compiler's baseline. Fused multiply-adds are off, so that both builds round
     every operation alike and give the same bits. The name ends in a hash of the source (its
-    text and its path), the flags and the torch version, so two checkouts or versions on one machine (they share
-    ``~/.cache/torch_extensions``) each keep their own build instead of rebuilding each
-    other's; torch's build lock means a process never loads a half-written library.
+    text and its path), the flags and the torch version, so two checkouts or versions on one
+    machine (they share ``~/.cache/torch_extensions``) each keep their own build instead of
+    rebuilding each other's; torch's build lock means a process never loads a half-written library.
     """
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     base = "batchnorm_cpu"

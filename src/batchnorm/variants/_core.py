@@ -9,7 +9,14 @@ import numbers
 
 from batchnorm.activations import ACTIVATIONS, check_activation, epilogue
 from batchnorm.functional import batch_norm, check_arguments
-from batchnorm.modules import TORCH_BATCHNORMS, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.modules import (
+    TORCH_BATCHNORMS,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormBase,
+    statistics_arguments,
+)
 from batchnorm.modules import TORCH_TO_OURS as OURS
 from batchnorm.statistics import mean_and_variance as batch_statistics
 from batchnorm.statistics import per_channel, reduce_dims
@@ -20,7 +27,7 @@ __all__ = [
     "ACTIVATIONS", "OURS", "TORCH_BATCHNORMS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "BatchNormBase", "batch_norm", "batch_statistics", "check_activation", "check_as",
     "check_arguments", "epilogue", "is_number", "per_channel", "rebuild", "reduce_dims",
-    "replace",
+    "replace", "averaging_factor", "statistics_arguments",
 ]
 
 
@@ -36,3 +43,11 @@ def check_as(who: str, *args) -> None:
 def is_number(value) -> bool:
     """A real number that is not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def averaging_factor(module) -> float:
+    """The running-average weight of this batch for a BN ``module``, as torch's
+    ``_BatchNorm.forward`` decides it (counting the batch in ``num_batches_tracked``)."""
+    return statistics_arguments(module.training, module.track_running_stats, module.momentum,
+                                module.running_mean, module.running_var,
+                                module.num_batches_tracked)[3]

@@ -65,6 +65,7 @@ from batchnorm.variants._core import (
     is_number,
     per_channel,
     reduce_dims,
+    statistics_arguments,
 )
 
 INVERTIBLE = ("identity", "leaky_relu", "elu")
@@ -245,12 +246,11 @@ class _InPlaceABN:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        running_mean, running_var = self.running_mean, self.running_var
-        factor = BatchNormBase._averaging_factor(self, self.num_batches_tracked)
-        use_batch_stats = self.training or (running_mean is None and running_var is None)
-        keep = not self.training or self.track_running_stats
+        running_mean, running_var, use_batch_stats, factor = statistics_arguments(
+            self.training, self.track_running_stats, self.momentum, self.running_mean,
+            self.running_var, self.num_batches_tracked)
         return inplace_activated_batch_norm(
-            input, running_mean if keep else None, running_var if keep else None, self.weight,
+            input, running_mean, running_var, self.weight,
             self.bias, use_batch_stats, factor, self.eps, activation=self.activation,
             negative_slope=self.negative_slope, alpha=self.alpha, inplace=self.inplace)
 

@@ -58,6 +58,7 @@ from batchnorm.variants._core import (
     BatchNorm2d,
     BatchNorm3d,
     BatchNormBase,
+    averaging_factor,
     batch_norm,
     batch_statistics,
     check_as,
@@ -245,7 +246,7 @@ class _RenormMixin:
             r_max, d_max = self.bounds(int(buffers["num_batches_tracked"]))
         else:  # fixed bounds, checked by batch_renorm
             r_max, d_max = self.r_max, self.d_max
-        factor = self._averaging_factor(buffers["num_batches_tracked"])
+        factor = averaging_factor(self)
         return batch_renorm(
             input, buffers["running_mean"], buffers["running_var"], self.weight, self.bias,
             True, factor, self.eps, r_max=r_max, d_max=d_max,

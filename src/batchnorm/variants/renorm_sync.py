@@ -31,7 +31,7 @@ from batchnorm.distributed import (
     merge_across_processes,
     process_group_size,
 )
-from batchnorm.variants._core import BatchNormBase, batch_statistics, epilogue
+from batchnorm.variants._core import averaging_factor, batch_statistics, epilogue
 from batchnorm.variants._core import rebuild as _rebuild_layer
 from batchnorm.variants.renorm import (
     _BY_RANK,
@@ -74,7 +74,7 @@ class SyncBatchRenorm(_RenormMixin, SyncBatchNorm):
         world = process_group_size(self.process_group, who=type(self).__name__)
         tracked = self.num_batches_tracked
         r_max, d_max = self.bounds(int(tracked))
-        factor = BatchNormBase._averaging_factor(self, tracked)
+        factor = averaging_factor(self)
         running_mean, running_var = self.running_mean, self.running_var
         if world == 1:
             return batch_renorm(input, running_mean, running_var, self.weight, self.bias, True,
