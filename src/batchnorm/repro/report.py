@@ -94,6 +94,19 @@ def format_value(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def format_spread(spread, digits: int = 4, *, kind: str = "f") -> str:
+    """A number over seeds (anything with ``mean``, ``std``, ``n``): ``0.8512 ± 0.0031 (n=5)``;
+    ``kind`` ``"g"`` for numbers of any size (``digits`` significant), ``"d"`` for step counts
+    (``1,500 ± 210``). ``None``: ``n/a``."""
+    if spread is None:
+        return "n/a"
+    if kind == "d":
+        text = f"{spread.mean:,.0f} ± {spread.std:,.0f}"
+    else:
+        text = f"{spread.mean:.{digits}{kind}} ± {spread.std:.{digits}{kind}}"
+    return f"{text} (n={spread.n})"
+
+
 def at_chance(accuracy: float, num_classes: int, test_size: int) -> bool:
     """Whether ``accuracy`` is within 2 standard errors of guessing (``1/num_classes``) on a
     test set of ``test_size`` examples."""
