@@ -79,6 +79,18 @@ def plot_versus(ax, runs: list[dict], key: str, metric: str, chance: float) -> N
     ax.axhline(chance, color="black", lw=0.6, ls=":", label="chance")
 
 
+def plot_band(ax, steps, values, *, color, label: str, ls: str = "-") -> None:
+    """Several seeds' curves (``values``: seeds x steps): their mean as a line, min-max as a
+    band."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    ax.plot(steps, np.nanmean(values, 0), ls, color=color, lw=1.4, label=label)
+    if len(values) > 1:
+        ax.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0), color=color,
+                        alpha=0.15, lw=0)
+
+
 # --------------------------------------------------------------------------------------------
 # numbers in words
 

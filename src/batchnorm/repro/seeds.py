@@ -42,6 +42,7 @@ RULE = ("A difference exceeds seed noise when Welch's two-sided t-test on the pe
         "standard deviation over seeds, n the number of seeds. With 1 seed no verdict is "
         "possible (n/a); a difference within the noise is not evidence of equality.")
 MARKER = "seed-done.json"
+STOPPED = "stopped"  # what a per-seed run returns when it stopped early on purpose (--stop-at)
 # arguments that do not change a seed's numbers (not compared when resuming)
 VOLATILE = {"out", "seed", "seeds", "resume", "progress", "threads", "workers", "note",
             "seed_command"}
@@ -102,7 +103,8 @@ def run_seeds(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], 
               experiment: str) -> list[Path] | int:
     """Run ``run_one(args')`` for each seed of ``--seed``/``--seeds``, ``args'`` being ``args``
     with ``seed`` and ``out`` (``OUT/seed-<s>``) set, ``seeds = 1`` and ``seed_command`` (the
-    command of that seed alone). Returns the seed folders, or the first non-zero exit status."""
+    command of that seed alone). Returns the seed folders, or an exit status: the first
+    non-zero one, or 0 when a seed returned :data:`STOPPED` (not finished, not an error)."""
     folders = []
     for seed in seed_list(args.seed, args.seeds):
         folder = seed_folder(args.out, seed)
@@ -117,6 +119,8 @@ def run_seeds(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], 
             log(f"{experiment}: seed {seed} ({len(folders) + 1}/{args.seeds}) -> {folder}")
             marker.unlink(missing_ok=True)
             code = run_one(one)
+            if code == STOPPED:
+                return 0
             if code:
                 return code
             write_json(marker, settings(one))
@@ -131,6 +135,25 @@ def read_seeds(folders: Sequence[Path], name: str) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------
 # summarizing
+
+
+def describe(values: Sequence[float | None], digits: int = 4, kind: str = "f") -> str:
+    """Per-seed ``values`` in a table cell: ``mean ± std (n=N)``; where some are ``None`` (e.g.
+    a threshold not reached), the spread of the others and how many are missing."""
+    present = [v for v in values if v is not None]
+    if len(present) == len(values):
+        return format_spread(spread(values), digits, kind=kind)
+    missing = f"not reached in {len(values) - len(present)} of {len(values)}"
+    if not present:
+        return missing
+    return f"{format_spread(spread(present), digits, kind=kind)}; {missing}"
+
+
+def noise_text(a: Sequence[float | None], b: Sequence[float | None]) -> str:
+    """:func:`compare`'s verdict as text; ``n/a`` where a value is missing (``None``)."""
+    if any(v is None for v in (*a, *b)):
+        return "n/a (not reached in every seed)"
+    return compare(a, b).text
 
 
 @dataclass(frozen=True)
