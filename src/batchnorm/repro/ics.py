@@ -81,6 +81,17 @@ DEFAULTS = dict(archs="vgg,mlp", width=16, probes=10, evals=20, test_subset=2000
                 monitor_examples=500, noise_mean=0.5, noise_std="1,1.25",
                 step_sizes="0.25,0.5,1,2,4", target=0.80)
 NETWORKS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
+OPTIONS = [  # (option, type, help); defaults from DEFAULTS
+    ("width", int, "VGG: channels of the first block"),
+    ("probes", int, "ICS and smoothness probes per run, evenly spaced from step 0"),
+    ("evals", int, "evaluations (test accuracy, input percentiles) per run"),
+    ("test-subset", int, "test images evaluated (0: all)"),
+    ("monitor-examples", int, "test images whose layer inputs give the percentiles"),
+    ("noise-mean", float, "noisy BN: the noise means are uniform on (-a, a)"),
+    ("noise-std", str, "noisy BN: the noise standard deviations are uniform on (b0, b1)"),
+    ("step-sizes", str, "smoothness probe: steps along the gradient, in learning rates"),
+    ("target", float, "training accuracy whose first crossing measures speed"),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,28 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{arch}-steps", type=int, default=config["steps"])
         parser.add_argument(f"--{arch}-lr", type=float, default=config["lr"],
                             help=f"learning rate (all three {arch} networks)")
-    parser.add_argument("--width", type=int, default=DEFAULTS["width"],
-                        help="VGG: channels of the first block")
-    parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
-                        help="ICS and smoothness probes per run, evenly spaced from step 0")
-    parser.add_argument("--evals", type=int, default=DEFAULTS["evals"],
-                        help="evaluations (test accuracy, input percentiles) per run")
-    parser.add_argument("--test-subset", type=int, default=DEFAULTS["test_subset"],
-                        help="test images evaluated (0: all)")
-    parser.add_argument("--monitor-examples", type=int, default=DEFAULTS["monitor_examples"],
-                        help="test images whose layer inputs give the percentiles")
-    parser.add_argument("--noise-mean", type=float, default=DEFAULTS["noise_mean"],
-                        help="noisy BN: the noise means are uniform on (-a, a)")
-    parser.add_argument("--noise-std", default=DEFAULTS["noise_std"],
-                        help="noisy BN: the noise standard deviations are uniform on (b0, b1)")
-    parser.add_argument("--step-sizes", default=DEFAULTS["step_sizes"],
-                        help="smoothness probe: steps along the gradient, in learning rates")
-    parser.add_argument("--target", type=float, default=DEFAULTS["target"],
-                        help="training accuracy whose first crossing measures speed")
+    for name, kind, text in OPTIONS:
+        parser.add_argument(f"--{name}", type=kind, default=DEFAULTS[name.replace("-", "_")],
+                            help=text)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
-    seeds.add_arguments(parser)
+    seeds.add_arguments(parser, folders_for_one=True)
     parser.add_argument("--out", default="results/ics")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -141,13 +137,12 @@ def run(args) -> int:
                               flatten=arch == "mlp")
         if data[arch] is None:
             return 2
-    out = prepare_out_dir(args.out)
-    folders = seeds.run_seeds(args, lambda one: run_seed(one, archs, data, device), "ics")
-    if isinstance(folders, int):
-        return folders
-    write_report(out, args, folders, archs, seconds=time.perf_counter() - started,
-                 sizes=data[archs[0]].sizes())
-    return 0
+    return seeds.run_command(
+        args, lambda one: run_seed(one, archs, data, device), "ics",
+        lambda out, folders, seconds: write_report(
+            out, args, folders, archs, seconds=time.perf_counter() - started,
+            sizes=data[archs[0]].sizes()),
+        folders_for_one=True)
 
 
 def run_seed(args, archs: list[str], data: dict, device) -> int:

@@ -38,30 +38,29 @@ READINGS = {
     "grad_change": ("gradient change (predictiveness)", "g", 3),
     "beta": ("effective beta-smoothness", "g", 3),
 }
-# (who, claim, reading, condition a, condition b, expected relation of b to a)
-CLAIMS = [
-    ("Ioffe & Szegedy", "BN trains faster", "train_loss_mean", "no_bn", "bn", "lower"),
-    ("Ioffe & Szegedy", "BN keeps layer inputs' distributions more stable", "drift", "no_bn",
-     "bn", "lower"),
-    ("Santurkar et al. (1)", "noisy BN's layer inputs are less stable than BN's", "drift", "bn",
-     "noisy_bn", "higher"),
-    ("Santurkar et al. (1)", "... even less stable than without BN", "drift", "no_bn",
-     "noisy_bn", "higher"),
-    ("Santurkar et al. (1)", "... yet noisy BN trains about as fast as BN", "train_loss_mean",
-     "bn", "noisy_bn", "similar"),
-    ("Santurkar et al. (1)", "... and faster than without BN", "train_loss_mean", "no_bn",
-     "noisy_bn", "lower"),
-    ("Santurkar et al. (2)", "BN does not reduce ICS (gradient change, l2)", "ics_l2", "no_bn",
-     "bn", "not lower"),
-    ("Santurkar et al. (2)", "BN does not make G and G' more aligned (cosine)", "ics_cosine",
-     "no_bn", "bn", "not higher"),
-    ("Santurkar et al. (3)", "BN: smaller loss variation along the gradient", "loss_variation",
-     "no_bn", "bn", "lower"),
-    ("Santurkar et al. (3)", "BN: more predictive gradients (smaller gradient change)",
-     "grad_change", "no_bn", "bn", "lower"),
-    ("Santurkar et al. (3)", "BN: smaller effective beta-smoothness", "beta", "no_bn", "bn",
-     "lower"),
-]
+# who: [(claim, reading, condition a, condition b, the claimed relation of b to a)]
+CLAIMED = {
+    "Ioffe & Szegedy": [
+        ("BN trains faster", "train_loss_mean", "no_bn", "bn", "lower"),
+        ("BN keeps layer inputs' distributions more stable", "drift", "no_bn", "bn", "lower")],
+    "Santurkar et al. (1)": [
+        ("noisy BN's layer inputs are less stable than BN's", "drift", "bn", "noisy_bn",
+         "higher"),
+        ("... even less stable than without BN", "drift", "no_bn", "noisy_bn", "higher"),
+        ("... yet noisy BN trains about as fast as BN", "train_loss_mean", "bn", "noisy_bn",
+         "similar"),
+        ("... and faster than without BN", "train_loss_mean", "no_bn", "noisy_bn", "lower")],
+    "Santurkar et al. (2)": [
+        ("BN does not reduce ICS (gradient change, l2)", "ics_l2", "no_bn", "bn", "not lower"),
+        ("BN does not align G and G' better (cosine)", "ics_cosine", "no_bn", "bn",
+         "not higher")],
+    "Santurkar et al. (3)": [
+        ("BN: smaller loss variation along the gradient", "loss_variation", "no_bn", "bn",
+         "lower"),
+        ("BN: more predictive gradients (smaller change)", "grad_change", "no_bn", "bn", "lower"),
+        ("BN: smaller effective beta-smoothness", "beta", "no_bn", "bn", "lower")],
+}
+CLAIMS = [(who, *claim) for who, claims in CLAIMED.items() for claim in claims]
 
 
 def _mean(values) -> float | None:
@@ -354,9 +353,10 @@ def _summary(result, checked, config, archs, args) -> str:
         f"- Speed: steps to {args.target:.0%} training accuracy (mini-batches since the last "
         "evaluation) and the training loss averaged over the evaluations (area under the "
         "curve: lower = faster).",
-        f"- Machine: {config['machine']}, torch {config['torch']}, 1 thread; training "
-        f"{config['training_seconds']} s summed over runs, {config['wall_seconds']} s wall "
-        "time for this invocation.",
+        f"- Machine: {config['machine']}, torch {config['torch']}, 1 thread. Run time: "
+        f"{config['training_seconds']} s of training (probes and evaluations included) "
+        f"summed over the {len(archs) * 3 * n} runs; this invocation took "
+        f"{config['wall_seconds']} s (seeds kept by `--resume` are not timed again).",
         f"- Command: `{config['command']}`", "",
         f"**Noise rule.** {RULE}", "",
     ]

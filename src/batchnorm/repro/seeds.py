@@ -29,11 +29,12 @@ import copy
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from batchnorm.repro.common import ArgumentError, log, write_json
+from batchnorm.repro.common import ArgumentError, is_main_process, log, write_json
 from batchnorm.repro.report import format_spread
 
 ALPHA = 0.05
@@ -52,11 +53,14 @@ VOLATILE = {"out", "seed", "seeds", "resume", "progress", "threads", "workers", 
 # running
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, resume: bool = True) -> None:
-    """``--seeds N`` (and ``--resume`` unless the command has its own)."""
+def add_arguments(parser: argparse.ArgumentParser, *, resume: bool = True,
+                  folders_for_one: bool = False) -> None:
+    """``--seeds N`` (and ``--resume`` unless the command has its own); ``folders_for_one``:
+    as :func:`run_command`'s."""
     parser.add_argument("--seeds", type=int, default=1,
                         help="run seeds --seed, --seed+1, ..., each into OUT/seed-<s>/, and "
-                             "report mean ± std over them (default 1: one run into OUT)")
+                             "report mean ± std over them (default 1"
+                             + (")" if folders_for_one else ": one run into OUT)"))
     if resume:
         parser.add_argument("--resume", action="store_true",
                             help="with --seeds: keep the seeds already finished with the same "
@@ -126,6 +130,24 @@ def run_seeds(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], 
             write_json(marker, settings(one))
         folders.append(folder)
     return folders
+
+
+def run_command(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], int | str],
+                experiment: str, summarize: Callable[[Path, list[Path], float], None], *,
+                folders_for_one: bool = False) -> int:
+    """A command with ``--seeds``: with one seed (unless ``folders_for_one``), ``run_one(args)``
+    into ``OUT`` as before; else :func:`run_seeds` and then, on the main process,
+    ``summarize(OUT, seed folders, seconds)``. Returns the exit status."""
+    if args.seeds == 1 and not folders_for_one:
+        code = run_one(args)
+        return 0 if code == STOPPED else code
+    started = time.perf_counter()
+    folders = run_seeds(args, run_one, experiment)
+    if isinstance(folders, int):
+        return folders
+    if is_main_process():
+        summarize(Path(args.out), folders, time.perf_counter() - started)
+    return 0
 
 
 def read_seeds(folders: Sequence[Path], name: str) -> list[dict]:
