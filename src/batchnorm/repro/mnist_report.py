@@ -140,7 +140,7 @@ def accuracy_panel(ax, curves: dict) -> None:
     curves are close). ``curves``: network key -> (steps, per-seed accuracies, seeds x steps);
     several seeds are drawn as their mean and a min-max band. Step 0 (chance) is left out of
     the log scale."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     inset = ax.inset_axes([0.47, 0.1, 0.5, 0.42])
     last = max(max(steps) for steps, _ in curves.values())
@@ -158,7 +158,9 @@ def accuracy_panel(ax, curves: dict) -> None:
         late += [min(run[i] for i in tail) for run in y]
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    inset.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+    inset.xaxis.set_major_locator(MaxNLocator(5))
+    inset.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000
+                                                  else f"{v:g}"))
     ax.set_ylim(max(0.0, math.floor((min(lows) - 0.02) * 20) / 20), 1.0)
     inset.set_ylim(math.floor((min(late) - 0.005) * 100) / 100, None)
     inset.tick_params(labelsize=7)
