@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from batchnorm.repro.common import log, write_csv, write_json
-from batchnorm.repro.report import command_line, figure, finish, plot_band
-from batchnorm.repro.seeds import RULE, compare, describe, read_seeds, spread
+from batchnorm.repro.report import figure, finish, plot_band
+from batchnorm.repro.seeds import RULE, command, compare, describe, read_seeds, spread
 
 NETWORKS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
 COLORS = {"no_bn": "tab:blue", "bn": "tab:red", "noisy_bn": "tab:green"}
@@ -153,7 +153,7 @@ def write_report(out: Path, args, folders: list[Path], archs: list[str], seconds
                   for run in m["runs"][arch].values())
     config = dict(vars_record(args), archs=archs, seeds=[m["seed"] for m in metrics],
                   train_examples=sizes[0], test_examples=sizes[1],
-                  command=command_line(), machine=machine(), torch=torch.__version__,
+                  command=command(), machine=machine(), torch=torch.__version__,
                   training_seconds=round(train_s), wall_seconds=round(seconds))
     write_json(out / "results.json", dict(experiment="ics", config=config, readings=result,
                                           claims=checked))

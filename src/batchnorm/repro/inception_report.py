@@ -19,7 +19,7 @@ from batchnorm.repro.report import (
     format_steps,
     plot_band,
 )
-from batchnorm.repro.seeds import RULE, describe, noise_text, read_seeds
+from batchnorm.repro.seeds import RULE, command, describe, noise_text, read_seeds
 
 PAPER_RANKING = ("bn-x30 > bn-x5 > bn-baseline > inception > bn-x5-sigmoid (inception-x5 "
                  "diverged, inception-sigmoid at chance)")
@@ -223,11 +223,13 @@ def write_seeds(out: Path, folders: list[Path], seconds: float) -> None:
     lines += ["", f"The paper's ranking: {PAPER_RANKING}.", "",
               "![Figure 2 over the seeds](figure2.png)", "",
               f"Files: `figure2.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
-              f"`{command_line()}` ({seconds:.0f} s).", ""]
+              f"`{command()}` (run time "
+              f"{sum(v['seconds'] for r in records for v in r['variants'].values()):.0f} s of "
+              "training summed over the seeds).", ""]
     (out / "summary.md").write_text("\n".join(lines))
     write_json(out / "results.json", dict(
         experiment="inception over seeds", seeds=[r["args"]["seed"] for r in records],
-        command=command_line(), seconds=round(seconds, 1), rule=RULE, variants=rows))
+        command=command(), seconds=round(seconds, 1), rule=RULE, variants=rows))
     write_csv(out / "metrics.csv", [dict(seed=r["args"]["seed"], variant=name, **p)
                                     for r in records for name in names
                                     for p in r["variants"][name]["history"]])

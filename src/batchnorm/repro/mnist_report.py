@@ -11,14 +11,13 @@ import numpy as np
 
 from batchnorm.repro.common import log, steps_to_reach, write_csv, write_json
 from batchnorm.repro.report import (
-    command_line,
     figure,
     finish,
     format_steps,
     format_value,
     plot_band,
 )
-from batchnorm.repro.seeds import RULE, describe, noise_text, read_seeds, spread
+from batchnorm.repro.seeds import RULE, command, describe, noise_text, read_seeds, spread
 
 NETWORKS = {"no_bn": "without BN", "bn": "with BN"}
 COLORS = {"no_bn": "tab:blue", "bn": "tab:red"}
@@ -374,10 +373,11 @@ def write_seeds(out: Path, folders: list[Path], seconds: float) -> None:
         lines.append(f"| {title} | {describe([f[key] for f in final])} |")
     lines += ["", "![Figure 1 over the seeds](figure1.png)", "",
               f"Files: `figure1.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
-              f"`{command_line()}` ({seconds:.0f} s).", ""]
+              f"`{command()}` (run time {sum(r['timing']['total_s'] for r in records):.0f} s "
+              "summed over the seeds).", ""]
     (out / "summary.md").write_text("\n".join(lines))
     write_json(out / "results.json", dict(
-        experiment="mnist (Figure 1) over seeds", seeds=seeds_used, command=command_line(),
+        experiment="mnist (Figure 1) over seeds", seeds=seeds_used, command=command(),
         seconds=round(seconds, 1), rule=RULE,
         config={k: v for k, v in config.items() if k not in ("seed", "command")},
         rows=[dict(reading=title, no_bn=a, bn=b) for title, _, a, b in rows],

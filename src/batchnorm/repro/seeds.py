@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from batchnorm.repro.common import ArgumentError, is_main_process, log, write_json
-from batchnorm.repro.report import format_spread
+from batchnorm.repro.report import command_line, format_spread
 
 ALPHA = 0.05
 RULE = ("A difference exceeds seed noise when Welch's two-sided t-test on the per-seed values "
@@ -148,6 +148,11 @@ def run_command(args: argparse.Namespace, run_one: Callable[[argparse.Namespace]
     if is_main_process():
         summarize(Path(args.out), folders, time.perf_counter() - started)
     return 0
+
+
+def command() -> str:
+    """The running command without ``--resume``: what reproduces every seed from scratch."""
+    return " ".join(t for t in command_line().split(" ") if t != "--resume")
 
 
 def read_seeds(folders: Sequence[Path], name: str) -> list[dict]:

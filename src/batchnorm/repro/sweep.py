@@ -211,7 +211,7 @@ def write_seeds(out: Path, experiment: str, key: str, folders: list[Path], *,
     write_json(out / "results.json", dict(
         experiment=experiment, seeds=[r["config"]["seed"] for r in records],
         config={k: v for k, v in first.items() if k not in ("seed", "command", "seconds")},
-        command=command_line(), seconds=round(seconds, 1), rule=seeds.RULE,
+        command=seeds.command(), seconds=round(seconds, 1), rule=seeds.RULE,
         results=[dict(bn=bn, **{key: value}, **entry) for (value, bn), entry in table.items()]))
     write_csv(out / "metrics.csv", [dict(seed=rec["config"]["seed"], bn=r["bn"], **{key: r[key]},
                                          **p) for rec in records for r in rec["runs"]
@@ -254,6 +254,8 @@ def write_seeds(out: Path, experiment: str, key: str, folders: list[Path], *,
                          f"{seeds.describe(entry['steps_to_target'], kind='d')} | {counts} | "
                          f"{difference} | {verdict} |")
     lines += ["", f"Files: `figure.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
-              f"`{command_line()}` ({seconds:.0f} s).", ""]
+              f"`{seeds.command()}` (run time "
+              f"{sum(r['config']['seconds'] for r in records):.0f} s summed over the seeds).",
+              ""]
     (out / "summary.md").write_text("\n".join(lines))
     log(f"{experiment}: wrote {out / 'summary.md'} over {n} seeds")
