@@ -90,7 +90,7 @@ def test_same_seed_same_numbers_and_probes_leave_training_alone(tmp_path):
     ("not lower", [1.0, 1.1, 0.9], [0.5, 0.6, 0.4], "not supported"),
     ("not lower", [1.0, 0.5, 0.7], [0.8, 0.6, 0.9], "consistent (no difference beyond seed "
                                                     "noise)"),
-    ("similar", [1.0, 1.1, 0.9], [2.0, 2.1, 1.9], "not supported: higher"),
+    ("similar", [1.0, 1.1, 0.9], [2.0, 2.1, 1.9], "not supported (b higher)"),
     ("lower", [1.0], [0.5], "no verdict (1 seed)"),
     ("lower", [None, 1.0], [0.5, 0.5], "not measurable (a run did not reach it)"),
 ])

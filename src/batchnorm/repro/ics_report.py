@@ -31,10 +31,11 @@ READINGS = {
     "drift": ("input drift D, mean over layers", "f", 3),
     "median_drift": ("  of it: median drift", "f", 3),
     "spread_drift": ("  of it: spread drift", "f", 3),
-    "ics_l2": ("ICS ||G - G'||, mean over layers and probes", "g", 3),
+    "ics_l2": ("ICS ||G - G'||, mean over layers and probes after step 0", "g", 3),
     "ics_relative": ("ICS relative, ||G - G'|| / ||G||", "g", 3),
     "ics_cosine": ("ICS cosine(G, G')", "f", 3),
-    "loss_variation": ("loss variation along the gradient", "g", 3),
+    "loss_variation": ("loss variation along the gradient (mean over probes after step 0)",
+                       "g", 3),
     "grad_change": ("gradient change (predictiveness)", "g", 3),
     "beta": ("effective beta-smoothness", "g", 3),
 }
@@ -46,10 +47,12 @@ CLAIMED = {
     "Santurkar et al. (1)": [
         ("noisy BN's layer inputs are less stable than BN's", "drift", "bn", "noisy_bn",
          "higher"),
-        ("... even less stable than without BN", "drift", "no_bn", "noisy_bn", "higher"),
-        ("... yet noisy BN trains about as fast as BN", "train_loss_mean", "bn", "noisy_bn",
+        ("noisy BN's layer inputs are less stable than no BN's", "drift", "no_bn", "noisy_bn",
+         "higher"),
+        ("noisy BN trains about as fast as BN", "train_loss_mean", "bn", "noisy_bn",
          "similar"),
-        ("... and faster than without BN", "train_loss_mean", "no_bn", "noisy_bn", "lower")],
+        ("noisy BN trains faster than no BN", "train_loss_mean", "no_bn", "noisy_bn",
+         "lower")],
     "Santurkar et al. (2)": [
         ("BN does not reduce ICS (gradient change, l2)", "ics_l2", "no_bn", "bn", "not lower"),
         ("BN does not align G and G' better (cosine)", "ics_cosine", "no_bn", "bn",
@@ -61,6 +64,8 @@ CLAIMED = {
         ("BN: smaller effective beta-smoothness", "beta", "no_bn", "bn", "lower")],
 }
 CLAIMS = [(who, *claim) for who, claims in CLAIMED.items() for claim in claims]
+PROBE_READINGS = ("ics_l2", "ics_relative", "ics_cosine", "loss_variation", "grad_change",
+                  "beta")
 
 
 def _mean(values) -> float | None:
@@ -68,11 +73,15 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def readings(run: dict, target: float) -> dict:
-    """The scalar readings of one run (``None`` where there is nothing to read)."""
+def readings(run: dict, target: float, initial_probe: bool = False) -> dict:
+    """The scalar readings of one run (``None`` where there is nothing to read). The ICS and
+    smoothness readings are means over the probes after step 0 (during training), or over all
+    probes with ``initial_probe`` (at initialization the networks without BN are far rougher
+    than later, and that one probe can dominate the mean)."""
     points = run["history"][1:]  # after step 0
-    ics = [r for probe in run["probes"] for r in probe["ics"]]
-    smooth = [p["smoothness"] for p in run["probes"]]
+    probes = [p for p in run["probes"] if initial_probe or p["step"] > 0]
+    ics = [r for probe in probes for r in probe["ics"]]
+    smooth = [p["smoothness"] for p in probes]
     drift = run["drift"].values()
     return dict(
         train_loss_mean=_mean(p["train_loss"] for p in points),
@@ -93,13 +102,15 @@ def readings(run: dict, target: float) -> dict:
     )
 
 
-def aggregate(seed_metrics: list[dict], archs: list[str], target: float) -> dict:
+def aggregate(seed_metrics: list[dict], archs: list[str], target: float,
+              initial_probe: bool = False) -> dict:
     """``{arch: {network: {reading: {"values": [per seed], "spread": {...} | None}}}}``."""
     result = {}
     for arch in archs:
         result[arch] = {}
         for network in NETWORKS:
-            per_seed = [readings(m["runs"][arch][network], target) for m in seed_metrics]
+            per_seed = [readings(m["runs"][arch][network], target, initial_probe)
+                        for m in seed_metrics]
             result[arch][network] = {}
             for key in READINGS:
                 values = [r[key] for r in per_seed]
@@ -120,7 +131,7 @@ def judge(relation: str, a: list, b: list) -> tuple[str, str]:
     if relation == "similar":
         if not verdict.exceeds:
             return verdict.text, "consistent (no difference beyond seed noise)"
-        return verdict.text, "not supported: " + ("lower" if lower else "higher")
+        return verdict.text, f"not supported (b {'lower' if lower else 'higher'})"
     wanted_lower = relation in ("lower", "not higher")
     if relation.startswith("not "):
         if not verdict.exceeds:
@@ -131,14 +142,21 @@ def judge(relation: str, a: list, b: list) -> tuple[str, str]:
     return verdict.text, "supported" if lower == wanted_lower else "contradicted"
 
 
-def claims(result: dict, archs: list[str]) -> list[dict]:
+def claims(result: dict, archs: list[str], with_initial: dict) -> list[dict]:
+    """Each claim on each network judged on ``result``; for the probe readings also on
+    ``with_initial`` (the same with the step-0 probe in the means)."""
     rows = []
     for arch in archs:
         for who, claim, key, a, b, relation in CLAIMS:
             va, vb = result[arch][a][key]["values"], result[arch][b][key]["values"]
             noise, reading = judge(relation, va, vb)
+            alternative = ""
+            if key in PROBE_READINGS:
+                alternative = judge(relation, with_initial[arch][a][key]["values"],
+                                    with_initial[arch][b][key]["values"])[1]
             rows.append(dict(arch=arch, who=who, claim=claim, reading_name=key, a=a, b=b,
-                             relation=relation, noise=noise, verdict=reading))
+                             relation=relation, noise=noise, verdict=reading,
+                             verdict_with_initial_probe=alternative))
     return rows
 
 
@@ -148,13 +166,13 @@ def write_report(out: Path, args, folders: list[Path], archs: list[str], seconds
     the figures, from the seeds' ``metrics.json``; ``sizes``: training and test examples."""
     metrics = read_seeds(folders, "metrics.json")
     result = aggregate(metrics, archs, args.target)
-    checked = claims(result, archs)
+    checked = claims(result, archs, aggregate(metrics, archs, args.target, initial_probe=True))
     train_s = sum(run["seconds"] for m in metrics for arch in archs
                   for run in m["runs"][arch].values())
     config = dict(vars_record(args), archs=archs, seeds=[m["seed"] for m in metrics],
                   train_examples=sizes[0], test_examples=sizes[1],
                   command=command(), machine=machine(), torch=torch.__version__,
-                  training_seconds=round(train_s), wall_seconds=round(seconds))
+                  training_seconds=round(train_s), invocation_seconds=round(seconds))
     write_json(out / "results.json", dict(experiment="ics", config=config, readings=result,
                                           claims=checked))
     rows, ics_rows, smooth_rows = [], [], []
@@ -349,14 +367,16 @@ def _summary(result, checked, config, archs, args) -> str:
         "(convolutions, linear layers); smoothness along the gradient at "
         f"{args.step_sizes} x the learning rate. Drift D = range of the median + range of the "
         "15-85 spread of each unit's input to its nonlinearity over the evaluations, in units "
-        f"of its mean spread (`batchnorm.probes.layer_drift`), {args.evals} evaluations.",
+        f"of its mean spread (`batchnorm.probes.layer_drift`), {args.evals} evaluations. The "
+        "tables average the probes after step 0 (during training); the step-0 probe (at "
+        "initialization, where the networks without BN are far rougher) is in the figures and "
+        "in the last column of the claims table.",
         f"- Speed: steps to {args.target:.0%} training accuracy (mini-batches since the last "
         "evaluation) and the training loss averaged over the evaluations (area under the "
         "curve: lower = faster).",
         f"- Machine: {config['machine']}, torch {config['torch']}, 1 thread. Run time: "
         f"{config['training_seconds']} s of training (probes and evaluations included) "
-        f"summed over the {len(archs) * 3 * n} runs; this invocation took "
-        f"{config['wall_seconds']} s (seeds kept by `--resume` are not timed again).",
+        f"summed over the {len(archs) * 3 * n} runs, one after the other.",
         f"- Command: `{config['command']}`", "",
         f"**Noise rule.** {RULE}", "",
     ]
@@ -369,19 +389,56 @@ def _summary(result, checked, config, archs, args) -> str:
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## The mechanism claims against our numbers", "",
-              "| network | source | claim | reading: a -> b | beyond seed noise? | verdict |",
-              "|---|---|---|---|---|---|"]
+              "| network | source | claim | reading: a -> b | beyond seed noise? | verdict | "
+              "verdict with the step-0 probe |", "|---|---|---|---|---|---|---|"]
     for row in checked:
         a, b = row["a"], row["b"]
         lines.append(f"| {row['arch']} | {row['who']} | {row['claim']} | {row['reading_name']}:"
-                     f" {NETWORKS[a]} -> {NETWORKS[b]} | {row['noise']} | {row['verdict']} |")
+                     f" {NETWORKS[a]} -> {NETWORKS[b]} | {row['noise']} | {row['verdict']} | "
+                     f"{row['verdict_with_initial_probe'] or '-'} |")
     lines += ["", "Verdicts: *supported* / *contradicted* = the difference goes the claimed way "
               "/ the other way and exceeds seed noise; *unresolved* = within seed noise. For "
               "the \"does not\" and \"about as\" claims a difference within the noise is "
               "*consistent* with the claim (not proof of it).", "",
+              *_plainly(checked), "", *_caveats(config, archs, args), "",
               "![training](training.png)", "", "![drift](drift.png)", "", "![ics](ics.png)", "",
               "![smoothness](smoothness.png)", "",
               "Files: `results.json` (all readings per seed, the claims), `metrics.csv` "
               "(training curves), `ics.csv` (per layer and probe), `smoothness.csv`, "
               "`seed-<s>/metrics.json` (everything of one seed).", ""]
     return "\n".join(lines)
+
+
+def _plainly(checked: list[dict]) -> list[str]:
+    """The claims table in words: which claims the numbers support on both networks, on one,
+    or on none."""
+    by_claim: dict[tuple[str, str], list[str]] = {}
+    for row in checked:
+        by_claim.setdefault((row["who"], row["claim"]), []).append(
+            f"{row['arch']} {row['verdict'].split(' (')[0]}")
+    lines = ["In words (per claim, network by network):", ""]
+    for (who, claim), verdicts in by_claim.items():
+        lines.append(f"- {who}: {claim}: {'; '.join(verdicts)}.")
+    return lines
+
+
+def _caveats(config: dict, archs: list[str], args) -> list[str]:
+    epochs = {arch: getattr(args, f"{arch}_steps") * (64 if arch == "vgg" else 60)
+              / config["train_examples"] for arch in archs}
+    return [
+        "## Caveats", "",
+        "- The noise ranges are ours (Setup). At every BN layer the noise here is about as "
+        "large as the signal (BN's output has variance 1; the noise adds "
+        f"{float(args.noise_std.split(',')[0]) ** 2:.3g} to "
+        f"{float(args.noise_std.split(',')[-1]) ** 2:.3g} and a mean shift up to "
+        f"{args.noise_mean}). Whether noisy BN keeps BN's speed depends on that size; other "
+        "sizes: `--noise-mean`, `--noise-std`.",
+        "- Short runs (" + ", ".join(f"{arch} {epochs[arch]:.1f} epochs" for arch in archs)
+        + ") at one learning rate per architecture, at which the network without BN trains; "
+        "BN's larger advantage at higher rates is `reproduce lr-sweep`'s subject.",
+        "- The raw ICS l2, gradient change, loss variation and beta are not scale-free: with BN "
+        "a layer's gradient shrinks as its weights grow (scale invariance). The relative ICS "
+        "and the cosine are scale-free.",
+        "- Noisy BN's test accuracy is measured with its noise on (its later BN layers' moving "
+        "averages were collected under noise); the row \"noise off\" shows what removing it "
+        "at test time does."]
