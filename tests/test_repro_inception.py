@@ -126,6 +126,29 @@ def test_all_variants_end_to_end(tmp_path):
     assert again["analysis"] == results["analysis"]
 
 
+def test_over_seeds_and_resume(tmp_path):
+    out = tmp_path / "seeds"
+    argv = ["reproduce", "inception", "--variant", "bn-x5", *TINY, "--steps", "4",
+            "--eval-every", "2", "--seeds", "2", "--out", str(out)]
+    assert main(argv) == 0
+    for name in ("figure2.png", "summary.md", "results.json", "metrics.csv",
+                 "seed-0/bn-x5/history.json", "seed-1/summary.md",
+                 "seed-1/checkpoints/bn-x5.pt"):
+        assert (out / name).exists(), name
+    summary = (out / "summary.md").read_text()
+    assert "over 2 seeds" in summary and "| bn-x5 |" in summary and "(n=2)" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and len(results["variants"]["bn-x5"]) == 2
+    first = (out / "seed-0" / "bn-x5" / "history.json").read_text()
+    assert main([*argv, "--resume"]) == 0  # finished seeds are kept
+    assert (out / "seed-0" / "bn-x5" / "history.json").read_text() == first
+    # --stop-at stops the first seed, not marked finished; --resume then completes both
+    stopped = tmp_path / "stopped"
+    assert main([*argv[:-1], str(stopped), "--ckpt-every", "2", "--stop-at", "2"]) == 0
+    assert not (stopped / "seed-0" / "seed-done.json").exists()
+    assert not (stopped / "seed-1").exists()
+
+
 def test_single_variant_reports_divergence(tmp_path):
     out = tmp_path / "x5"
     assert main(["reproduce", "inception", "--variant", "inception-x5", *TINY, "--steps", "30",

@@ -235,3 +235,27 @@ def test_bad_arguments(tmp_path, capsys, extra, message):
     assert code == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_over_seeds(tmp_path):
+    args = ("--steps", "60", "--eval-every", "30", "--lr", "0.5", "--init-std", "0.1")
+    code, out = run_command(tmp_path, *args, "--seeds", "2", "--seed", "4", name="seeds")
+    assert code == 0
+    for name in ("figure1.png", "summary.md", "results.json", "metrics.csv",
+                 "seed-4/metrics.json", "seed-5/summary.md"):
+        assert (out / name).stat().st_size > 0, name
+    # seed 4's folder holds what the one-seed command writes
+    code, single = run_command(tmp_path, *args, "--seed", "4", name="single")
+    assert code == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (out / "seed-4", single))
+    assert a["networks"] == b["networks"]
+    assert a["config"]["command"].endswith(f"--seed 4 --eval-every 30 --out {out / 'seed-4'}")
+    summary = (out / "summary.md").read_text()
+    assert "over 2 seeds" in summary and "| accuracy at the end |" in summary
+    assert "(n=2)" in summary and "beyond seed noise?" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [4, 5]
+    end = next(r for r in results["rows"] if r["reading"] == "accuracy at the end")
+    assert end["bn"][0] == a["networks"]["bn"]["final_accuracy"] and len(end["no_bn"]) == 2
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("seed,network,step") and len(rows) == 1 + 2 * 2 * 3

@@ -106,3 +106,49 @@ def test_bad_arguments_are_one_line_not_a_traceback(tmp_path, capsys, argv, mess
     assert f"batchnorm reproduce {argv[0]}: {message}" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
+
+
+def _same_but_times(a, b):
+    """The outputs of two runs agree except where they record wall-clock time or the
+    command (which names the output folder)."""
+    from test_repro_ics import without_times
+
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for r in (ra, rb):
+        r["config"].pop("command")
+    assert without_times(ra) == without_times(rb)
+    assert (a / "metrics.csv").read_text().count("\n") == (b / "metrics.csv").read_text().count(
+        "\n")
+
+
+def test_depth_over_seeds(tmp_path):
+    args = [*COMMON, "--steps", "20", "--eval-every", "10", "--depths", "1,3", "--width", "8",
+            "--lr", "0.1"]
+    out = tmp_path / "seeds"
+    assert main(["reproduce", "depth", *args, "--seeds", "2", "--seed", "1",
+                 "--out", str(out)]) == 0
+    for name in ("figure.png", "summary.md", "results.json", "metrics.csv",
+                 "seed-1/summary.md", "seed-2/results.json"):
+        assert (out / name).stat().st_size > 0, name
+    one = json.loads((out / "seed-2" / "results.json").read_text())
+    assert one["config"]["seed"] == 2
+    assert one["config"]["command"].endswith(f"--seed 2 --out {out / 'seed-2'}")
+    # a seed's folder is what the one-seed command writes
+    assert main(["reproduce", "depth", *args, "--seed", "2", "--out", str(tmp_path / "two")]) == 0
+    _same_but_times(out / "seed-2", tmp_path / "two")
+    summary = (out / "summary.md").read_text()
+    assert "# depth over 2 seeds" in summary and "(n=2)" in summary and "Welch" in summary
+    assert "| depth 3 | BN |" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [1, 2] and len(results["results"]) == 4
+    bn3 = next(r for r in results["results"] if r["depth"] == 3 and r["bn"])
+    assert len(bn3["final_accuracy"]) == 2 and len(bn3["outcomes"]) == 2
+    # --seeds 1 (the default) writes what a run without the option writes, in OUT itself
+    assert main(["reproduce", "depth", *args, "--seeds", "1", "--seed", "2", "--out",
+                 str(tmp_path / "default")]) == 0
+    assert not list((tmp_path / "default").glob("seed-*"))
+    _same_but_times(tmp_path / "default", tmp_path / "two")
+    assert main(["reproduce", "lr-sweep", *COMMON, "--steps", "20", "--eval-every", "10",
+                 "--channels", "4", "--multipliers", "1", "--seeds", "2",
+                 "--out", str(tmp_path / "lr")]) == 0
+    assert "| x1 | BN |" in (tmp_path / "lr" / "summary.md").read_text()

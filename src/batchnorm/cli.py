@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "inception": ("batchnorm.repro.inception", "Figures 2-3: BN-Inception variants (section 4.2)"),
     "lr-sweep": ("batchnorm.repro.lr_sweep", "Claim 1: learning rates x1..x30 with and without BN"),
     "depth": ("batchnorm.repro.depth", "Claims 4-5: deep sigmoid networks with and without BN"),
+    "ics": ("batchnorm.repro.ics", "Mechanism: stability, ICS, smoothness; no BN/BN/noisy BN"),
 }
 COMMANDS = {
     "demo": ("batchnorm.repro.demo", "Train a small BN model; population stats and folding agree"),

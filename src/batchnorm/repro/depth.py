@@ -55,7 +55,8 @@ def run(args) -> int:
                                               width=args.width, bn=bn),
         lr=lambda depth: args.lr, name=lambda depth: f"depth {depth}",
         settings=dict(lr=args.lr, depths=depths, width=args.width), figure=_figure,
-        summary=_summary)
+        summary=_summary,
+        claim=("final_accuracy", "BN makes deep sigmoid networks trainable (claims 4-5)"))
 
 
 def _figure(path: Path, runs: list[dict], data) -> None:

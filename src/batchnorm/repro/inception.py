@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from batchnorm.models.inception import InceptionBN
-from batchnorm.repro import interrupt
+from batchnorm.repro import interrupt, seeds
 from batchnorm.repro.common import (
     add_data_arguments,
     check_arguments,
@@ -56,7 +56,7 @@ from batchnorm.repro.common import (
     write_json,
 )
 from batchnorm.repro.image_data import Data, load_for
-from batchnorm.repro.inception_report import write_report
+from batchnorm.repro.inception_report import write_report, write_seeds
 from batchnorm.repro.trainer import TrainSpec, synchronized, train
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None,
                         help="where checkpoints go (default: OUT/checkpoints)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoints (and skip finished variants)")
+                        help="continue from the checkpoints (and skip finished variants; with "
+                             "--seeds, finished seeds)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bfloat16 autocast on CUDA, float32 on the CPU")
     parser.add_argument("--workers", type=int, default=4,
@@ -171,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
+    seeds.add_arguments(parser, resume=False)
     parser.add_argument("--out", default="results/inception")
     parser.add_argument("--note", default="", help="a paragraph put at the top of summary.md")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -219,6 +221,19 @@ def run(args) -> int:
         steps=1, batch_size=1, eval_every=1, ckpt_every=0, base_weight_decay=0, momentum=0,
         decay_every=0, image_size=1, workers=0, stop_at=0))
     device = setup_run(args)
+    several = args.seeds > 1
+
+    def one(args) -> int | str:
+        if args.ckpt_dir and several:  # each seed its own checkpoints
+            args.ckpt_dir = str(seeds.seed_folder(args.ckpt_dir, args.seed))
+        return run_one(args, device)
+
+    return seeds.run_command(args, one, "inception", write_seeds)
+
+
+def run_one(args, device) -> int | str:
+    """One seed: train the variants (``--variant`` or ``--all``) into ``--out`` and write the
+    report; :data:`batchnorm.repro.seeds.STOPPED` if ``--stop-at`` stopped a variant."""
     data = load_for(args, image_size=args.image_size)
     if data is None:
         return 2
@@ -239,7 +254,7 @@ def run(args) -> int:
         if result["stopped_by"] == "stop_at":
             log(f"{name}: stopped at step {result['steps_done']} (--stop-at); rerun with "
                 "--resume to continue")
-            return 0
+            return seeds.STOPPED
         interrupt.stop_if_requested(args, f"at step {result['steps_done']} of {name}",
                                     resume=True)
     if is_main_process():

@@ -11,7 +11,15 @@ import torch
 
 from batchnorm.repro.common import log, steps_to_reach, world_size, write_csv, write_json
 from batchnorm.repro.image_data import Data
-from batchnorm.repro.report import at_chance, command_line, figure, finish, format_steps
+from batchnorm.repro.report import (
+    at_chance,
+    command_line,
+    figure,
+    finish,
+    format_steps,
+    plot_band,
+)
+from batchnorm.repro.seeds import RULE, command, describe, noise_text, read_seeds
 
 PAPER_RANKING = ("bn-x30 > bn-x5 > bn-baseline > inception > bn-x5-sigmoid (inception-x5 "
                  "diverged, inception-sigmoid at chance)")
@@ -65,7 +73,7 @@ def write_report(out: Path, args, data: Data, device, *, names: list[str], args_
     write_json(out / "results.json", dict(
         experiment="inception", dataset=data.name, train_examples=n_train, test_examples=n_test,
         device=str(device), threads=torch.get_num_threads(), world_size=world_size(),
-        args=args_record, command=command_line(),
+        args=args_record, command=getattr(args, "seed_command", None) or command_line(),
         analysis=analysis,
         variants={k: dict(spec=v["spec"], diverged=v["diverged"], steps_done=v["steps_done"],
                           seconds=v["seconds"], history=v["history"]) for k, v in records.items()},
@@ -171,3 +179,72 @@ def _summary(records, analysis, args, data: Data, device, decay_every: int) -> s
               "Per-variant curves: `*/history.json`, `metrics.csv`; everything: `results.json`.",
               ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# several seeds
+
+# (variant a, variant b): the differences the paper's Figure 3 ranking rests on
+COMPARISONS = (("inception", "bn-baseline"), ("inception", "bn-x5"), ("inception", "bn-x30"),
+               ("bn-baseline", "bn-x5"), ("bn-x5", "bn-x30"), ("bn-x5-sigmoid", "inception"))
+
+
+def write_seeds(out: Path, folders: list[Path], seconds: float) -> None:
+    """The summary of ``--seeds N``: per variant, the maximum and final accuracy as mean ± std
+    over the seeds and how many seeds diverged or stayed at chance; whether the differences of
+    maximum accuracy that the paper's ranking rests on exceed seed noise; ``figure2.png`` with
+    each variant's mean curve and min-max band; ``results.json`` and ``metrics.csv``."""
+    records = read_seeds(folders, "results.json")
+    n = len(records)
+    names = list(records[0]["analysis"]["variants"])
+    rows = {name: [r["analysis"]["variants"][name] for r in records] for name in names}
+    lines = [f"# Inception variants over {n} seeds (paper section 4.2, Figures 2 and 3)", "",
+             f"Seeds {', '.join(str(r['args']['seed']) for r in records)}: each is a complete "
+             "one-seed run in `seed-<s>/` (its own summary, figure and files). Data: "
+             f"{records[0]['dataset']}, {records[0]['args']['steps']} steps of "
+             f"{records[0]['args']['batch_size']} per variant, width x{records[0]['args']['width']}"
+             ".", "", f"**Noise rule.** {RULE}", "",
+             "| network | max accuracy | final accuracy | steps to Inception's max (per seed) "
+             "| diverged | stayed at chance |", "|---|---|---|---|---|---|"]
+    for name, per_seed in rows.items():
+        lines.append(
+            f"| {name} | {describe([r['max_accuracy'] for r in per_seed])} | "
+            f"{describe([r['final_accuracy'] for r in per_seed])} | "
+            f"{describe([r['steps_to_inception_max'] for r in per_seed], kind='d')} | "
+            f"{sum(bool(r['diverged']) for r in per_seed)}/{n} | "
+            f"{sum(bool(r['at_chance']) for r in per_seed)}/{n} |")
+    lines += ["", "Differences of maximum accuracy (b - a):", "",
+              "| a | b | b - a | beyond seed noise? |", "|---|---|---|---|"]
+    for a, b in COMPARISONS:
+        if a in rows and b in rows:
+            va = [r["max_accuracy"] for r in rows[a]]
+            vb = [r["max_accuracy"] for r in rows[b]]
+            lines.append(f"| {a} | {b} | {(sum(vb) - sum(va)) / n:+.4f} | {noise_text(va, vb)} |")
+    lines += ["", f"The paper's ranking: {PAPER_RANKING}.", "",
+              "![Figure 2 over the seeds](figure2.png)", "",
+              f"Files: `figure2.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
+              f"`{command()}` (run time "
+              f"{sum(v['seconds'] for r in records for v in r['variants'].values()):.0f} s of "
+              "training summed over the seeds).", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    write_json(out / "results.json", dict(
+        experiment="inception over seeds", seeds=[r["args"]["seed"] for r in records],
+        command=command(), seconds=round(seconds, 1), rule=RULE, variants=rows))
+    write_csv(out / "metrics.csv", [dict(seed=r["args"]["seed"], variant=name, **p)
+                                    for r in records for name in names
+                                    for p in r["variants"][name]["history"]])
+    with figure(out / "figure2.png", figsize=(7.5, 4.8)) as (_, ax):
+        for i, name in enumerate(names):
+            histories = [r["variants"][name]["history"] for r in records]
+            length = min(len(h) for h in histories)  # diverged runs stop early
+            plot_band(ax, [p["step"] for p in histories[0][:length]],
+                      [[p["test_accuracy"] for p in h[:length]] for h in histories],
+                      color=f"C{i}", label=name, ls="-" if name.startswith("bn") else "--")
+        ax.axhline(records[0]["analysis"]["chance"], color="black", lw=0.6, ls=":",
+                   label="chance")
+        finish(ax, "training step", "test accuracy (top-1)",
+               f"Figure 2 analogue over {n} seeds (mean, band: min-max)",
+               legend=dict(fontsize=8, loc="lower right"))
+    log(f"inception: wrote {out / 'summary.md'}, figure2.png, results.json, metrics.csv over "
+        f"{n} seeds")
+

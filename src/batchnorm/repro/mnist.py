@@ -52,7 +52,7 @@ from torch import nn
 from batchnorm.data import MissingDataError, load_idx_dataset
 from batchnorm.models.mlp import sigmoid_mlp
 from batchnorm.monitor import ActivationMonitor
-from batchnorm.repro import interrupt
+from batchnorm.repro import interrupt, seeds
 from batchnorm.repro.common import (
     ArgumentError,
     add_data_arguments,
@@ -68,7 +68,14 @@ from batchnorm.repro.common import (
     world_size,
 )
 from batchnorm.repro.evaluation import accuracy, batch_statistics, three_ways
-from batchnorm.repro.mnist_report import MILESTONES, NETWORKS, PAPER, analyse, write_outputs
+from batchnorm.repro.mnist_report import (
+    MILESTONES,
+    NETWORKS,
+    PAPER,
+    analyse,
+    write_outputs,
+    write_seeds,
+)
 from batchnorm.repro.report import format_value
 from batchnorm.repro.trainer import Trainer, TrainSpec, synchronized
 
@@ -95,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="initial weights and mini-batch order (same seed, same numbers)")
     parser.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"],
                         help="evaluate on the test set every this many steps")
+    seeds.add_arguments(parser)
     parser.add_argument("--out", default="results/mnist", help="output folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=1,
@@ -134,6 +142,13 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    """The command: one run into ``--out``, or with ``--seeds N > 1`` one per seed into
+    ``OUT/seed-<s>/`` and their summary (:func:`batchnorm.repro.mnist_report.write_seeds`)."""
+    return seeds.run_command(args, run_one, "mnist", write_seeds)
+
+
+def run_one(args) -> int:
+    """One seed: train both networks and write the outputs to ``--out``."""
     started = time.perf_counter()
     device = setup_run(args)
     check(args)  # after joining the process group: the batch is split across it

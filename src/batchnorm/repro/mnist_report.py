@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from batchnorm.repro.common import log, steps_to_reach, write_csv, write_json
-from batchnorm.repro.report import figure, finish, format_steps, format_value
+from batchnorm.repro.report import (
+    figure,
+    finish,
+    format_steps,
+    format_value,
+    plot_band,
+)
+from batchnorm.repro.seeds import RULE, command, describe, noise_text, read_seeds, spread
 
 NETWORKS = {"no_bn": "without BN", "bn": "with BN"}
+COLORS = {"no_bn": "tab:blue", "bn": "tab:red"}
 MILESTONES = (5_000, 10_000, 50_000)  # steps at which accuracy is reported (always evaluated)
 THRESHOLDS = (0.80, 0.85, 0.95, 0.97)  # accuracy marks: the paper's 95%, 97% and two lower ones
 PAPER = {
@@ -104,28 +112,15 @@ def _figure(path: Path, metrics: dict) -> None:
         thousands = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0")
         for ax in axes:
             ax.xaxis.set_major_formatter(thousands)
-        colors = {"no_bn": "tab:blue", "bn": "tab:red"}
-        ax = axes[0]
-        lowest = []
-        for key, label in NETWORKS.items():
-            history = nets[key]["history"]
-            steps = [p["step"] for p in history]
-            acc = [p["test_accuracy"] for p in history]
-            ax.plot(steps, acc, color=colors[key], lw=1.4, ls="--" if key == "no_bn" else "-",
-                    label=label)
-            # the y range starts where the curves are after the first 2% of training
-            lowest += [a for s, a in zip(steps, acc, strict=True)
-                       if s >= 0.02 * config["steps"]]
-        low = min(lowest) if lowest else 0.0
-        ax.set_ylim(max(0.0, math.floor((low - 0.02) * 20) / 20), 1.0)
-        finish(ax, "training step", "test accuracy", "(a) test accuracy",
-               legend=dict(loc="lower right"))
+        accuracy_panel(axes[0], {key: ([p["step"] for p in nets[key]["history"]],
+                                       [[p["test_accuracy"] for p in nets[key]["history"]]])
+                                 for key in NETWORKS})
         percentile_axes = axes[1:]
         for ax, (key, label) in zip(percentile_axes, NETWORKS.items(), strict=True):
             history = nets[key]["history"]
             steps = [p["step"] for p in history]
             for name, style in (("p85", ":"), ("p50", "-"), ("p15", ":")):
-                ax.plot(steps, [p[name] for p in history], style, color=colors[key], lw=1.4,
+                ax.plot(steps, [p[name] for p in history], style, color=COLORS[key], lw=1.4,
                         label=f"{name[1:]}th percentile")
             unit = nets[key]["unit"]["index"]
             finish(ax, "training step", None,
@@ -136,6 +131,42 @@ def _figure(path: Path, metrics: dict) -> None:
         highs = [ax.get_ylim()[1] for ax in percentile_axes]
         for ax in percentile_axes:  # one scale, so the drifts compare at a glance
             ax.set_ylim(min(lows), max(highs))
+
+
+def accuracy_panel(ax, curves: dict) -> None:
+    """Figure 1(a): test accuracy against the step on a log scale (BN's lead is in the first
+    few thousand steps), with an inset of the last 80% of training on linear axes (where the
+    curves are close). ``curves``: network key -> (steps, per-seed accuracies, seeds x steps);
+    several seeds are drawn as their mean and a min-max band. Step 0 (chance) is left out of
+    the log scale."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    inset = ax.inset_axes([0.47, 0.1, 0.5, 0.42])
+    last = max(max(steps) for steps, _ in curves.values())
+    lows, late = [], []
+    for key, (steps, values) in curves.items():
+        keep = [i for i, s in enumerate(steps) if s > 0]
+        x = [steps[i] for i in keep]
+        y = [[run[i] for i in keep] for run in values]
+        style = "--" if key == "no_bn" else "-"
+        plot_band(ax, x, y, color=COLORS[key], label=NETWORKS[key], ls=style)
+        tail = [i for i, s in enumerate(x) if s >= 0.2 * last]
+        plot_band(inset, [x[i] for i in tail], [[run[i] for i in tail] for run in y],
+                  color=COLORS[key], label=NETWORKS[key], ls=style)
+        lows += [min(run) for run in y]
+        late += [min(run[i] for i in tail) for run in y]
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    inset.xaxis.set_major_locator(MaxNLocator(5))
+    inset.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000
+                                                  else f"{v:g}"))
+    ax.set_ylim(max(0.0, math.floor((min(lows) - 0.02) * 20) / 20), 1.0)
+    inset.set_ylim(math.floor((min(late) - 0.005) * 100) / 100, None)
+    inset.tick_params(labelsize=7)
+    inset.set_title("last 80% of the steps (linear)", fontsize=7)
+    inset.grid(alpha=0.3)
+    finish(ax, "training step (log scale)", "test accuracy", "(a) test accuracy",
+           legend=dict(loc="upper left"))
 
 
 def _summary(metrics: dict) -> str:
@@ -280,3 +311,95 @@ def _sweep_lines(sweep: dict) -> list[str]:
                      f"{format_value(row['bn_validation_accuracy'])} |")
     return lines + [""]
 
+
+
+# --------------------------------------------------------------------------------------------
+# several seeds
+
+
+def write_seeds(out: Path, folders: list[Path], seconds: float) -> None:
+    """The summary of ``--seeds N``: ``summary.md`` (every number of the one-seed table as mean
+    ± std over the seeds, and whether each difference between the networks exceeds seed noise),
+    ``results.json`` (the per-seed values), ``metrics.csv`` (every evaluation, with its seed)
+    and ``figure1.png`` (panel (a) over the seeds, and the drift of every seed)."""
+    records = read_seeds(folders, "metrics.json")
+    config = records[0]["config"]
+    seeds_used = [r["config"]["seed"] for r in records]
+    n = len(records)
+
+    def per_seed(key: str, read) -> list:
+        return [read(r["networks"][key]) for r in records]
+
+    rows = []  # (title, kind, no BN values, BN values)
+    for m in MILESTONES:
+        if m <= config["steps"]:
+            rows.append((f"accuracy at step {m:,}", "f", *(per_seed(
+                k, lambda net, m=m: net["accuracy_at"].get(m, net["accuracy_at"].get(str(m))))
+                for k in NETWORKS)))
+    rows.append(("accuracy at the end", "f",
+                 *(per_seed(k, lambda net: net["final_accuracy"]) for k in NETWORKS)))
+    for t in THRESHOLDS:
+        values = [per_seed(k, lambda net, t=t: net["steps_to"][f"{t:.2f}"]) for k in NETWORKS]
+        if any(v is not None for vs in values for v in vs):
+            rows.append((f"steps to reach {t:.0%}", "d", *values))
+    for key, title in (("median_range", "all units: range of the median (median over units)"),
+                       ("abs_spread_change",
+                        "all units: abs. change of the 15-85 spread (median over units)")):
+        rows.append((title, "f3", *(per_seed(k, lambda net, key=key:
+                                             net["all_units"][key]["median"])
+                                    for k in NETWORKS)))
+    lines = [f"# Figure 1 (section 4.1) over {n} seeds: {config['dataset']}", "",
+             f"Seeds {', '.join(map(str, seeds_used))}: each is a complete one-seed run in "
+             "`seed-<s>/` (its own summary, figure and files; the seed sets the initial weights "
+             f"and the mini-batch order). Settings as there: {config['network']}, SGD learning "
+             f"rate {config['lr']:g}, init std {config['init_std']:g}, {config['steps']:,} steps "
+             f"of {config['batch_size']}.", "",
+             f"**Noise rule.** {RULE}", "",
+             "| | without BN | with BN | BN - no BN | beyond seed noise? |",
+             "|---|---|---|---|---|"]
+    for title, kind, a, b in rows:
+        digits, kind = (3, "f") if kind == "f3" else (4, kind)
+        complete = all(v is not None for v in a + b)
+        difference = (f"{spread(b).mean - spread(a).mean:+,.{0 if kind == 'd' else digits}f}"
+                      if complete else "")
+        lines.append(f"| {title} | {describe(a, digits, kind)} | {describe(b, digits, kind)} | "
+                     f"{difference} | {noise_text(a, b)} |")
+    final = [r["networks"]["bn"]["final"] for r in records]
+    lines += ["", "BN network at the end, three ways of normalizing at test time:", "",
+              "| statistics | test accuracy |", "|---|---|"]
+    for key, title in (("moving_average", "moving averages"),
+                       ("recalibrated", "exact population statistics"),
+                       ("batch_statistics", "batch statistics")):
+        lines.append(f"| {title} | {describe([f[key] for f in final])} |")
+    lines += ["", "![Figure 1 over the seeds](figure1.png)", "",
+              f"Files: `figure1.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
+              f"`{command()}` (run time {sum(r['timing']['total_s'] for r in records):.0f} s "
+              "summed over the seeds).", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    write_json(out / "results.json", dict(
+        experiment="mnist (Figure 1) over seeds", seeds=seeds_used, command=command(),
+        seconds=round(seconds, 1), rule=RULE,
+        config={k: v for k, v in config.items() if k not in ("seed", "command")},
+        rows=[dict(reading=title, no_bn=a, bn=b) for title, _, a, b in rows],
+        bn_final=final))
+    write_csv(out / "metrics.csv", [dict(seed=r["config"]["seed"], network=k, **p)
+                                    for r in records for k in NETWORKS
+                                    for p in r["networks"][k]["history"]])
+    with figure(out / "figure1.png", 1, 2, figsize=(11, 4.2),
+                title=f"Figure 1 protocol on {config['dataset']} over {n} seeds (mean, band: "
+                      "min-max)") as (_, (ax, bx)):
+        accuracy_panel(ax, {k: ([p["step"] for p in records[0]["networks"][k]["history"]],
+                                [[p["test_accuracy"] for p in r["networks"][k]["history"]]
+                                 for r in records]) for k in NETWORKS})
+        title, _, a, b = rows[-2]
+        for i, (key, values) in enumerate(zip(NETWORKS, (a, b), strict=True)):
+            bx.plot([i] * n, values, "o", color=COLORS[key], alpha=0.6)
+            bx.errorbar([i + 0.15], [spread(values).mean], yerr=[spread(values).std], fmt="s",
+                        color=COLORS[key], capsize=4, label=f"{NETWORKS[key]}: mean ± std")
+        bx.set_xticks([0, 1], list(NETWORKS.values()))
+        bx.set_xlim(-0.5, 1.5)
+        finish(bx, "", "range of the median", "(b) drift of the last hidden layer's sigmoid "
+               "inputs\n(median over units; one dot per seed)", legend=dict(fontsize=8),
+               fontsize=9)
+    log(f"mnist: wrote {out / 'summary.md'}, figure1.png, results.json, metrics.csv over "
+        f"{n} seeds")

@@ -79,6 +79,18 @@ def plot_versus(ax, runs: list[dict], key: str, metric: str, chance: float) -> N
     ax.axhline(chance, color="black", lw=0.6, ls=":", label="chance")
 
 
+def plot_band(ax, steps, values, *, color, label: str, ls: str = "-") -> None:
+    """Several seeds' curves (``values``: seeds x steps): their mean as a line, min-max as a
+    band."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    ax.plot(steps, np.nanmean(values, 0), ls, color=color, lw=1.4, label=label)
+    if len(values) > 1:
+        ax.fill_between(steps, np.nanmin(values, 0), np.nanmax(values, 0), color=color,
+                        alpha=0.15, lw=0)
+
+
 # --------------------------------------------------------------------------------------------
 # numbers in words
 
@@ -92,6 +104,19 @@ def format_steps(steps) -> str:
 
 def format_value(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_spread(spread, digits: int = 4, *, kind: str = "f") -> str:
+    """A number over seeds (anything with ``mean``, ``std``, ``n``): ``0.8512 ± 0.0031 (n=5)``;
+    ``kind`` ``"g"`` for numbers of any size (``digits`` significant), ``"d"`` for step counts
+    (``1,500 ± 210``). ``None``: ``n/a``."""
+    if spread is None:
+        return "n/a"
+    if kind == "d":
+        text = f"{spread.mean:,.0f} ± {spread.std:,.0f}"
+    else:
+        text = f"{spread.mean:.{digits}{kind}} ± {spread.std:.{digits}{kind}}"
+    return f"{text} (n={spread.n})"
 
 
 def at_chance(accuracy: float, num_classes: int, test_size: int) -> bool:

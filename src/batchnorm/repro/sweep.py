@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from batchnorm.repro import interrupt
+from batchnorm.repro import interrupt, seeds
 from batchnorm.repro.common import (
     add_data_arguments,
     check_arguments,
@@ -29,7 +29,7 @@ from batchnorm.repro.common import (
     write_json,
 )
 from batchnorm.repro.image_data import Data, load_for
-from batchnorm.repro.report import at_chance, command_line
+from batchnorm.repro.report import at_chance, command_line, figure, finish
 from batchnorm.repro.trainer import TrainSpec, train
 
 
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
                         help="torch CPU threads (0: torch's default); one is fastest for these "
                              "small networks on a shared machine")
     parser.add_argument("--seed", type=int, default=0)
+    seeds.add_arguments(parser)
     parser.add_argument("--out", default=defaults["out"])
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
 def load(args, **kwargs) -> Data | None:
     """Check the shared arguments, set ``--threads`` and load the sweep's data (``None`` if its
     files are missing)."""
-    check_arguments(args, at_least=dict(steps=1, batch_size=1, eval_every=1, momentum=0))
+    check_arguments(args, at_least=dict(steps=1, batch_size=1, eval_every=1, momentum=0,
+                                        seeds=1))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return load_for(args, **kwargs)
@@ -70,23 +72,33 @@ def load(args, **kwargs) -> Data | None:
 
 def run(args, experiment: str, key: str, values: list, *,
         model: Callable[[Data, object, bool], torch.nn.Module], lr: Callable[[object], float],
-        name: Callable[[object], str], settings: dict, figure, summary, **load_options) -> int:
+        name: Callable[[object], str], settings: dict, figure, summary, claim: tuple[str, str],
+        **load_options) -> int:
     """The sweep command: :func:`load` the data (``load_options``: e.g. ``flatten``), train
     ``model(data, value, bn)`` at ``lr(value)`` for each of ``values`` (:func:`run_pairs`) and
     write the outputs, ``settings`` recorded in the config; ``figure(path, runs, data)`` draws
-    the figure, ``summary(runs, config, data)`` writes ``summary.md``. Returns the exit
-    status."""
-    started = time.perf_counter()
-    data = load(args, **load_options)
-    if data is None:
-        return 2
-    out = prepare_out_dir(args.out)
-    runs = run_pairs(experiment, args, data, key, values, lr=lr, name=name,
-                     model=lambda value, bn: model(data, value, bn))
-    record = config(args, data, started, **settings)
-    write(out, experiment, key, record, runs, lambda path: figure(path, runs, data),
-          summary(runs, record, data))
-    return 0
+    the figure, ``summary(runs, config, data)`` writes ``summary.md``. With ``--seeds N > 1``
+    each seed is such a run into ``OUT/seed-<s>/`` and :func:`write_seeds` summarizes them,
+    ``claim`` = (the metric BN's advantage is read from, e.g. ``"best_accuracy"``, and the
+    sentence of the claim). Returns the exit status."""
+
+    def one(args) -> int:
+        begun = time.perf_counter()
+        data = load(args, **load_options)
+        if data is None:
+            return 2
+        out = prepare_out_dir(args.out)
+        runs = run_pairs(experiment, args, data, key, values, lr=lr, name=name,
+                         model=lambda value, bn: model(data, value, bn))
+        record = config(args, data, begun, **settings)
+        write(out, experiment, key, record, runs, lambda path: figure(path, runs, data),
+              summary(runs, record, data))
+        return 0
+
+    return seeds.run_command(
+        args, one, experiment,
+        lambda out, folders, seconds: write_seeds(out, experiment, key, folders, claim=claim,
+                                                  name=name, seconds=seconds))
 
 
 def train_run(model, data: Data, args, *, lr: float, label: str) -> dict:
@@ -137,7 +149,8 @@ def config(args, data: Data, started: float, **settings) -> dict:
     return dict(dataset=data.name, train_examples=n_train, test_examples=n_test,
                 steps=args.steps, batch_size=args.batch_size, momentum=args.momentum,
                 target=args.target, **settings, seed=args.seed, device=args.device,
-                threads=torch.get_num_threads(), command=command_line(),
+                threads=torch.get_num_threads(),
+                command=getattr(args, "seed_command", None) or command_line(),
                 seconds=round(time.perf_counter() - started, 1))
 
 
@@ -171,3 +184,80 @@ def files_line(config: dict) -> str:
     """The last line of a sweep's summary: its files and the command that wrote them."""
     return (f"Files: `figure.png`, `results.json`, `metrics.csv`. Command: "
             f"`{config['command']}` ({config['seconds']:.0f} s).")
+
+
+# --------------------------------------------------------------------------------------------
+# several seeds
+
+
+def write_seeds(out: Path, experiment: str, key: str, folders: list[Path], *,
+                claim: tuple[str, str], name: Callable[[object], str], seconds: float) -> None:
+    """The summary of a sweep over several seeds (each a one-seed run in ``folders``):
+    ``results.json`` (per value and network: every metric per seed and its spread),
+    ``metrics.csv`` (every evaluation, with its seed), ``figure.png`` (the claim's metric
+    against the setting, mean ± std) and ``summary.md`` (mean ± std, outcomes per seed, and
+    whether BN's difference in the claim's metric exceeds seed noise)."""
+    records = seeds.read_seeds(folders, "results.json")
+    metric, sentence = claim
+    values = list(dict.fromkeys(r[key] for r in records[0]["runs"]))
+    table = {}
+    for value in values:
+        for bn in (False, True):
+            runs = [paired(rec["runs"], key, value)[bn] for rec in records]
+            table[(value, bn)] = dict(
+                {m: [r[m] for r in runs] for m in ("best_accuracy", "final_accuracy",
+                                                   "steps_to_target")},
+                outcomes=[outcome(r) for r in runs])
+    first = records[0]["config"]
+    n = len(records)
+    write_json(out / "results.json", dict(
+        experiment=experiment, seeds=[r["config"]["seed"] for r in records],
+        config={k: v for k, v in first.items() if k not in ("seed", "command", "seconds")},
+        command=seeds.command(), seconds=round(seconds, 1), rule=seeds.RULE,
+        results=[dict(bn=bn, **{key: value}, **entry) for (value, bn), entry in table.items()]))
+    write_csv(out / "metrics.csv", [dict(seed=rec["config"]["seed"], bn=r["bn"], **{key: r[key]},
+                                         **p) for rec in records for r in rec["runs"]
+                                    for p in r["history"]])
+    with figure(out / "figure.png", figsize=(6.5, 4.3),
+                title=f"{experiment}, {first['dataset']}: {metric.replace('_', ' ')}, mean ± std "
+                      f"over {n} seeds") as (_, ax):
+        for bn, style in ((False, "o--"), (True, "s-")):
+            ys = [table[(v, bn)][metric] for v in values]
+            ax.errorbar(range(len(values)), [sum(y) / n for y in ys],
+                        yerr=[seeds.spread(y).std for y in ys], fmt=style, capsize=3,
+                        label="BN" if bn else "no BN")
+        ax.set_xticks(range(len(values)), [name(v) for v in values])
+        finish(ax, key, metric.replace("_", " "), sentence, legend=dict(fontsize=8),
+               fontsize=9)
+    target = first["target"]
+    lines = [f"# {experiment} over {n} seeds: {sentence}", "",
+             f"Seeds {', '.join(str(r['config']['seed']) for r in records)}: each is a complete "
+             "one-seed run in `seed-<s>/` (its own summary, figure and files; the seed sets the "
+             "initial weights, the mini-batch order and the data subsets). Settings as there: "
+             f"{first['dataset']}, {first['steps']} steps of {first['batch_size']}.", "",
+             f"**Noise rule.** {seeds.RULE}", "",
+             f"| {key} | network | best accuracy | final accuracy | steps to {target:.0%} | "
+             f"outcomes | BN - no BN ({metric.replace('_', ' ')}) | beyond seed noise? |",
+             "|---|---|---|---|---|---|---|---|"]
+    for value in values:
+        for bn in (False, True):
+            entry = table[(value, bn)]
+            counts = ", ".join(f"{o} {entry['outcomes'].count(o)}/{n}"
+                               for o in dict.fromkeys(entry["outcomes"]))
+            if bn:
+                a, b = table[(value, False)][metric], entry[metric]
+                difference = f"{sum(b) / n - sum(a) / n:+.4f}"
+                verdict = seeds.noise_text(a, b)
+            else:
+                difference = verdict = ""
+            lines.append(f"| {name(value)} | {'BN' if bn else 'no BN'} | "
+                         f"{seeds.describe(entry['best_accuracy'])} | "
+                         f"{seeds.describe(entry['final_accuracy'])} | "
+                         f"{seeds.describe(entry['steps_to_target'], kind='d')} | {counts} | "
+                         f"{difference} | {verdict} |")
+    lines += ["", f"Files: `figure.png`, `results.json`, `metrics.csv`, `seed-<s>/`. Command: "
+              f"`{seeds.command()}` (run time "
+              f"{sum(r['config']['seconds'] for r in records):.0f} s summed over the seeds).",
+              ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    log(f"{experiment}: wrote {out / 'summary.md'} over {n} seeds")
