@@ -27,9 +27,6 @@ import batchnorm
 from batchnorm import cpu as cpu_kernels
 
 TOL = 1e-10
-FUSED_BATCHED_GRADS = pytest.mark.xfail(
-    strict=True, reason="the fused C++ Function's backward reads the gradient's data pointer; "
-    "a BatchedTensor has none (C++ fallback to its ATen backward pending: see the report)")
 
 
 @pytest.fixture(params=["fused", "aten"])
@@ -144,11 +141,10 @@ def test_empty_batch_matches_torch(path, shape, backend):
 
 # ------------------------------------------------------------------------- batched gradients
 
-def test_batched_gradients_match_torch(path, request):
+def test_batched_gradients_match_torch(path):
     """is_grads_batched, jacobian(vectorize=True) and gradcheck's batched checks, after a plain
-    eager forward (the fused path's C++ backward then receives BatchedTensor gradients)."""
-    if path == "fused":
-        request.applymarker(FUSED_BATCHED_GRADS)
+    eager forward (the fused path's C++ backward then receives BatchedTensor gradients and
+    takes its differentiable ATen form)."""
     x, gen = _x((4, 3, 2, 2)), torch.Generator().manual_seed(3)
     w, b = torch.rand(3, generator=gen, dtype=x.dtype) + 0.5, torch.randn(3, dtype=x.dtype)
     inputs = [t.clone().requires_grad_() for t in (x, w, b)]

@@ -39,9 +39,6 @@ from batchnorm.modules import TORCH_TO_OURS
 MODULE_INFOS = [info for info in module_db if info.module_cls in TORCH_TO_OURS]
 OP_INFOS = [op for op in op_db
             if op.name == "nn.functional.batch_norm" and op.supported_dtypes("cpu")]
-FUSED_BATCHED_GRADS = ("the fused C++ Function's backward reads the gradient's data pointer; "
-                       "batched gradients need its ATen fallback (see test_compat.py)")
-
 
 def _momentum_outside_unit_interval(sample) -> bool:
     kwargs = sample.kwargs
@@ -256,15 +253,12 @@ MODULE_CASES = [
 
 
 @pytest.mark.parametrize("info,name,dtype,training", MODULE_CASES)
-def test_module_db(info, name, dtype, training, request):
+def test_module_db(info, name, dtype, training):
     check = MODULE_CHECKS[name][0]
     try:
         expected = check(info.module_cls, info, dtype, training)
     except Exception as error:  # noqa: BLE001 -- any failure of torch's: not ours to match
         pytest.skip(f"fails with torch.nn too: {type(error).__name__}: {error}")
-    if name == "grad" and cpu_kernels.extension() is not None:
-        # the default (fused) path; test_module_db_grad_on_the_aten_path runs the same checks
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FUSED_BATCHED_GRADS))
     got = check(TORCH_TO_OURS[info.module_cls], info, dtype, training)
     if expected is not None:
         _close(got, expected)
@@ -329,7 +323,7 @@ OP_CASES = [pytest.param(op, name, id=f"{op.variant_test_name or 'default'}-{nam
 
 
 @pytest.mark.parametrize("op,name", OP_CASES)
-def test_op_db(op, name, request):
+def test_op_db(op, name):
     def run(fn):
         if name == "forward":
             return [op_forward(fn, op, dtype) for dtype in op.supported_dtypes("cpu")]
@@ -340,8 +334,6 @@ def test_op_db(op, name, request):
         expected = run(op.op)
     except Exception as error:  # noqa: BLE001 -- any failure of torch's: not ours to match
         pytest.skip(f"fails with torch too: {type(error).__name__}: {error}")
-    if name == "fn_grad" and cpu_kernels.extension() is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FUSED_BATCHED_GRADS))
     got = run(batchnorm.batch_norm)
     if expected is not None:
         _close(got, expected)

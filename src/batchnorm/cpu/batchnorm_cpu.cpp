@@ -19,6 +19,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <array>
 #include <cmath>
 #include <vector>
@@ -399,7 +401,11 @@ class TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
     const bool need_dbeta =
         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(has_weight ? 2 : 1);
     std::vector<at::Tensor> d;  // dx, dgamma, dbeta
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the backward must be differentiable
+    // The differentiable ATen form when create_graph=True (the backward must be
+    // differentiable), and when the gradient has no storage to read: a functorch BatchedTensor
+    // (is_grads_batched=True, jacobian(vectorize=True), gradcheck's batched checks) or another
+    // wrapper tensor; vmap batches the ATen operations.
+    if (at::GradMode::is_enabled() || !grads[0].has_storage()) {
       d = differentiable_backward(grads[0], x, weight, ctx->saved_data["eps"].toDouble());
     } else {
       const c10::optional<at::Tensor> w =
@@ -433,10 +439,38 @@ class TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
   }
 };
 
-at::Tensor train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+// Whether the kernels may take this call: plain CPU float32/float64 strided tensors in plain
+// eager mode. Not under a functorch transform (grad, vmap, jvp), a forward-mode AD tangent, a
+// Python dispatch mode or tensor subclass (FakeTensor, FunctionalTensor, ...), or
+// torch.jit.trace: each of those must see the operations, which the kernels hide.
+bool plain(const c10::optional<at::Tensor>& t) {
+  constexpr c10::DispatchKeySet kWrapped({c10::DispatchKey::Python,
+                                          c10::DispatchKey::PythonTLSSnapshot,
+                                          c10::DispatchKey::FuncTorchBatched,
+                                          c10::DispatchKey::FuncTorchGradWrapper,
+                                          c10::DispatchKey::Functionalize});
+  if (!t.has_value() || !t->defined()) return true;
+  return !t->key_set().has_any(kWrapped) && !t->_fw_grad(/*level=*/0).defined();
+}
+
+bool plain_eager(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                 const c10::optional<at::Tensor>& bias) {
+  return x.is_cpu() && x.layout() == at::kStrided &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && plain(x) &&
+         plain(weight) && plain(bias) &&
+         // a torch.func transform is active: functorch includes its dynamic-layer keys
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !torch::jit::tracer::isTracing();
+}
+
+// Training BN through the kernels, or None when they cannot take the call (see plain_eager):
+// the caller then uses an ATen form.
+py::object train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, c10::optional<at::Tensor> running_mean,
                  c10::optional<at::Tensor> running_var, double momentum, double eps) {
-  return TrainingBatchNorm::apply(x, weight, bias, running_mean, running_var, momentum, eps);
+  if (!plain_eager(x, weight, bias)) return py::none();
+  return py::cast(
+      TrainingBatchNorm::apply(x, weight, bias, running_mean, running_var, momentum, eps));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
