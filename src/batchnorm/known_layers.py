@@ -26,24 +26,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm import variants
 from batchnorm.activations import MODULES as ACTIVATION_MODULES
 from batchnorm.distributed import SyncBatchNorm
 from batchnorm.modules import TORCH_BATCHNORMS, TORCH_TO_OURS
-from batchnorm.variants import (
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    InPlaceABN1d,
-    InPlaceABN2d,
-    InPlaceABN3d,
-)
 
 #: BN classes computing BN (and, for ours, their ``activation``) and nothing else
 PLAIN_BATCHNORMS = (*TORCH_BATCHNORMS, nn.SyncBatchNorm, *TORCH_TO_OURS.values(), SyncBatchNorm)
@@ -56,13 +42,14 @@ NORM_ACT_CLASSES = {
 }
 
 #: our variants whose eval-mode map is BN's and our fused ``activation``
-SAME_INFERENCE = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, GhostBatchNorm1d, GhostBatchNorm2d,
-                  GhostBatchNorm3d)
+SAME_INFERENCE = (variants.BatchRenorm1d, variants.BatchRenorm2d, variants.BatchRenorm3d,
+                  variants.GhostBatchNorm1d, variants.GhostBatchNorm2d, variants.GhostBatchNorm3d)
 #: our variants that state their eval-mode map with ``fold_parts()``
-OWN_INFERENCE = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, InPlaceABN1d,
-                 InPlaceABN2d, InPlaceABN3d)
+OWN_INFERENCE = (variants.FrozenBatchNorm1d, variants.FrozenBatchNorm2d,
+                 variants.FrozenBatchNorm3d, variants.InPlaceABN1d, variants.InPlaceABN2d,
+                 variants.InPlaceABN3d)
 #: every BN-like class the tools look at (frozen BN is no ``_BatchNorm``: it has no training)
-BATCHNORM_LIKE = (_BatchNorm, FrozenBatchNorm)
+BATCHNORM_LIKE = (_BatchNorm, variants.FrozenBatchNorm)
 
 _ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATION_MODULES.items()}
 
