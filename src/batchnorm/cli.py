@@ -69,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from batchnorm import process_group
+
+    try:
+        return _run_command(argv)
+    finally:
+        process_group.leave()  # a torchrun command joined one; leave it before exiting
+
+
+def _run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "_unavailable", None):
         print(f"batchnorm: {args._unavailable}", file=sys.stderr)

@@ -29,3 +29,11 @@ def is_distributed() -> bool:
 def is_main_process() -> bool:
     """Rank 0 (or the only process): the one that writes files and shows progress."""
     return rank() == 0
+
+
+def leave() -> None:
+    """Destroy the default process group, if there is one. A command that joined one calls this
+    when it is done: gloo's threads otherwise outlive the interpreter's teardown and can abort
+    the process at exit ("terminate called without an active exception")."""
+    if is_initialized():
+        dist.destroy_process_group()
