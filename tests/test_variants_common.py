@@ -4,6 +4,7 @@ every variant: BN's parameters, buffers and state_dict keys, and what the packag
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -264,3 +265,23 @@ def test_after_integration_convert_to_renorm_and_sync():
     assert sync.r_max == 2.0 and sync.weight is weight
     with pytest.raises(ValueError, match="renorm"):
         batchnorm.convert(model, to="renorm", sync=True)
+
+
+@pytest.mark.parametrize("tool", ["jit.trace", "compile", "export"])
+def test_kernels_stay_out_of_graph_tools(tool):
+    """Under a tracer, compiler or exporter the variants' fused C++ kernels (raw-pointer writes
+    a graph cannot see) step aside for their ATen forms: the graph computes what eager does."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 3, 5, 5, generator=gen)
+    for layer in (variants.GhostBatchNorm2d(3, ghost_batch_size=4), variants.InPlaceABN2d(3)):
+        expected = copy.deepcopy(layer)(x)
+        model = copy.deepcopy(layer)
+        if tool == "jit.trace":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = torch.jit.trace(copy.deepcopy(layer), x)(x)
+        elif tool == "compile":
+            got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        else:
+            got = torch.export.export(model, (x,)).module()(x)
+        assert rel_err(got, expected) < 1e-5, (type(layer).__name__, tool)

@@ -104,6 +104,26 @@ def active_transform() -> str | None:
     return None
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
+#: the types of weight and bias that fused kernels read (no tensor subclasses)
+_PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(x, weight, bias) -> bool:
+    """Whether this call may take fused C++ kernels (ours, and the BN family's in
+    :mod:`batchnorm.variants`): plain CPU float32/64 tensors, in eager mode with no compiler,
+    exporter, transform, tracer, forward-mode AD level or dispatch mode active (each of those
+    must see the operations, which the kernels hide). About a microsecond of checks; the order
+    puts the cheapest and most often failing first."""
+    return (
+        type(x) is torch.Tensor and x.dtype in _FUSED_DTYPES and x.is_cpu
+        and not torch.compiler.is_compiling()
+        and type(weight) in _PLAIN and type(bias) in _PLAIN
+        and not torch._C._len_torch_dispatch_stack()
+        and active_transform() is None
+    )
+
+
 def _reason(backend: Backend, input, weight, training, activation, residual) -> str | None:
     """Why ``backend`` cannot run this call, or None."""
     reason = backend.supports(input, weight, training, activation, residual)

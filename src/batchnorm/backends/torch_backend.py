@@ -35,7 +35,7 @@ import torch
 
 from batchnorm import cpu as cpu_kernels
 from batchnorm.activations import epilogue
-from batchnorm.backends import active_transform, composite
+from batchnorm.backends import composite, plain_eager
 from batchnorm.backends.function import BatchNormFunction, closed_form_backward
 from batchnorm.statistics import cast, compute_dtype, per_channel
 
@@ -44,10 +44,6 @@ __all__ = ["COMPOSABLE", "BatchNormFunction", "batch_norm", "closed_form_backwar
 
 #: works under torch.func transforms, forward-mode AD and torch.jit.trace (see the seam)
 COMPOSABLE = True
-
-_FUSED_DTYPES = (torch.float32, torch.float64)
-#: the types of weight and bias that the fused kernels read (no tensor subclasses)
-_PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
 def _affine(x, shift, scale):
@@ -62,26 +58,13 @@ def _scale_shift(mean, invstd, weight, bias):
     return scale, shift
 
 
-def _plain_eager(x, weight, bias) -> bool:
-    """Whether this call may take the fused C++ kernels: plain CPU float32/64 tensors, in
-    eager mode with no transform, tracer, forward-mode AD level or dispatch mode active (each
-    of those must see the operations, which the kernels hide). About a microsecond of checks;
-    the order puts the cheapest and most often failing first."""
-    return (
-        type(x) is torch.Tensor and x.dtype in _FUSED_DTYPES and x.is_cpu
-        and type(weight) in _PLAIN and type(bias) in _PLAIN
-        and not torch._C._len_torch_dispatch_stack()
-        and active_transform() is None
-    )
-
-
 def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps):
     """Algorithm 1 with its closed-form backward, updating the running statistics in place.
 
     Three forms of the same math (module docstring): the fused C++ kernels in plain eager mode,
     the plain ATen composite when compiling, exporting or tracing, and
     :class:`BatchNormFunction` for everything else."""
-    if not torch.compiler.is_compiling() and _plain_eager(x, weight, bias):
+    if plain_eager(x, weight, bias):
         y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
         if y is not None:
             return y

@@ -4,9 +4,12 @@ in-place ABN in training, each with its C++ autograd Function.
 Compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
 under ``~/.cache/torch_extensions`` by a name that carries a hash of the source, the flags and
 the torch version). The entry points return ``None`` when the kernels cannot take a call
-(other devices or dtypes, mixed dtypes, no compiler, or ``BATCHNORM_CPU_KERNELS=0``, the switch
-the core kernels also obey); the callers then use their ATen implementations, which compute
-the same formulas.
+(other devices or dtypes, mixed dtypes, no compiler, ``BATCHNORM_CPU_KERNELS=0`` (the switch the
+core kernels also obey), or anything but plain eager mode (under ``torch.compile``,
+``torch.export``, ``torch.jit.trace``, ``torch.func`` or forward-mode AD the kernels'
+raw-pointer writes would be invisible; the check is the core kernels',
+:func:`batchnorm.backends.plain_eager`); the callers then use their ATen implementations,
+which compute the same formulas.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from batchnorm.backends import plain_eager
 
 SOURCE = Path(__file__).with_name("family_cpu.cpp")
 SWITCH = "BATCHNORM_CPU_KERNELS"
@@ -59,7 +64,7 @@ def grouped_train(x, weight, bias, running_mean, running_var, sizes: list[int],
     Renormalization (one group). ``None`` when the kernels cannot take the call (the extension
     checks devices, dtypes and layouts)."""
     ext = _extension()
-    if ext is None:
+    if ext is None or not plain_eager(x, weight, bias):
         return None
     return ext.grouped_train(x, weight, bias, running_mean, running_var, sizes, factors, eps,
                              renorm, r_max, d_max, sigma_average)
@@ -70,7 +75,7 @@ def abn_train(x, weight, bias, running_mean, running_var, momentum: float, eps: 
     """In-place ABN in training, ``weight`` the raw gamma (the kernels use ``|gamma| + eps``):
     the output ``z``, or ``None`` when the kernels cannot take the call."""
     ext = _extension()
-    if ext is None:
+    if ext is None or not plain_eager(x, weight, bias):
         return None
     return ext.abn_train(x, weight, bias, running_mean, running_var, momentum, eps,
                          ACTIVATION_CODES[activation], negative_slope, alpha, inplace)
