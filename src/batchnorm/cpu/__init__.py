@@ -29,25 +29,47 @@ _DTYPES = (torch.float32, torch.float64)
 _state: dict = {"module": None, "failed": False}
 
 
-def build_options() -> tuple[str, list[str]]:
-    """The extension's name and compiler flags for this CPU.
+def extension_name(base: str, source: Path, flags: list[str]) -> str:
+    """``base`` and a hash of the source (its text and its path), the flags and the torch
+    version: two checkouts or versions on one machine (they share
+    ``~/.cache/torch_extensions``) each keep their own build instead of rebuilding each
+    other's (torch's build files name the source's path, so ninja would see another input);
+    torch's build lock means a process never loads a half-written library."""
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update(" ".join([*flags, torch.__version__, str(source.resolve())]).encode())
+    return f"{base}_{digest.hexdigest()[:12]}"
 
-    With AVX2 (which torch reports for AVX-512 machines too) the kernels use 32-byte vectors;
+
+def compile_extension(base: str, source: Path, flags: list[str], who: str):
+    """The extension built from ``source`` (compiled on first use, then cached), or ``None``
+    after a warning naming ``who`` when it cannot be compiled (no compiler, no headers, ...):
+    the callers then compute the same formulas with ATen operations."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=extension_name(base, source, flags), sources=[str(source)],
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no headers, ...: the ATen path still works
+        warnings.warn(f"{who}: the fused CPU kernels could not be compiled ({error}); using "
+                      f"ATen operations instead (slower, same results). Set {ENV_VAR}=0 to "
+                      "silence this.", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _base_and_flags() -> tuple[str, list[str]]:
+    """With AVX2 (which torch reports for AVX-512 machines too) the kernels use 32-byte vectors;
     otherwise the compiler's baseline. Fused multiply-adds are off, so that both builds round
-    every operation alike and give the same bits. The name ends in a hash of the source (its
-    text and its path), the flags and the torch version, so two checkouts or versions on one
-    machine (they share ``~/.cache/torch_extensions``) each keep their own build instead of
-    rebuilding each other's; torch's build lock means a process never loads a half-written library.
-    """
+    every operation alike and give the same bits."""
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    base = "batchnorm_cpu"
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        base, flags = "batchnorm_cpu_avx2", [*flags, "-mavx2", "-mfma"]
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    # the source's path too: torch's build files name it, so two checkouts sharing one name
-    # would each rebuild the other's library (ninja sees another input file)
-    digest.update(" ".join([*flags, torch.__version__, str(SOURCE.resolve())]).encode())
-    return f"{base}_{digest.hexdigest()[:12]}", flags
+        return "batchnorm_cpu_avx2", [*flags, "-mavx2", "-mfma"]
+    return "batchnorm_cpu", flags
+
+
+def build_options() -> tuple[str, list[str]]:
+    """The extension's name (:func:`extension_name`) and compiler flags for this CPU."""
+    base, flags = _base_and_flags()
+    return extension_name(base, SOURCE, flags), flags
 
 
 def extension():
@@ -56,17 +78,9 @@ def extension():
         return _state["module"]
     if os.environ.get(ENV_VAR, "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        name, flags = build_options()
-        _state["module"] = load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                                extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler, no headers, ...: the ATen path still works
-        _state["failed"] = True
-        warnings.warn(f"batchnorm: the fused CPU kernels could not be compiled ({error}); "
-                      f"using ATen operations instead (slower, same results). Set "
-                      f"{ENV_VAR}=0 to silence this.", RuntimeWarning, stacklevel=3)
+    base, flags = _base_and_flags()
+    _state["module"] = compile_extension(base, SOURCE, flags, "batchnorm")
+    _state["failed"] = _state["module"] is None
     return _state["module"]
 
 

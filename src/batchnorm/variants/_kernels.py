@@ -2,8 +2,8 @@
 in-place ABN in training, each with its C++ autograd Function.
 
 Compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
-under ``~/.cache/torch_extensions`` by a name that carries a hash of the source, the flags and
-the torch version). The entry points return ``None`` when the kernels cannot take a call
+under ``~/.cache/torch_extensions`` by :func:`batchnorm.cpu.compile_extension`, which names and
+builds the core kernels too). The entry points return ``None`` when the kernels cannot take a call
 (other devices or dtypes, mixed dtypes, no compiler, ``BATCHNORM_CPU_KERNELS=0`` (the switch the
 core kernels also obey), or anything but plain eager mode (under ``torch.compile``,
 ``torch.export``, ``torch.jit.trace``, ``torch.func`` or forward-mode AD the kernels'
@@ -14,9 +14,7 @@ which compute the same formulas.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,34 +22,26 @@ import torch
 from batchnorm.backends import plain_eager
 
 SOURCE = Path(__file__).with_name("family_cpu.cpp")
-SWITCH = "BATCHNORM_CPU_KERNELS"
 ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
 _loaded: dict = {}
 
 
 def _load():
-    if "module" in _loaded:
-        return _loaded["module"]
-    _loaded["module"] = None
+    # imported on first use: importing batchnorm loads no backend
+    from batchnorm.cpu import compile_extension
+
     flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # selects may compute both sides
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join([*flags, torch.__version__]).encode())
-    try:
-        from torch.utils.cpp_extension import load
-
-        _loaded["module"] = load(name=f"batchnorm_family_{tag.hexdigest()[:12]}",
-                                 sources=[str(SOURCE)], extra_cflags=flags,
-                                 extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # no compiler or headers: the ATen paths still work
-        warnings.warn(f"batchnorm.variants: the CPU kernels could not be compiled ({error}); "
-                      f"using ATen operations (slower, same results). Set {SWITCH}=0 to "
-                      "silence this.", RuntimeWarning, stacklevel=3)
+    _loaded["module"] = compile_extension("batchnorm_family", SOURCE, flags,
+                                          "batchnorm.variants")
     return _loaded["module"]
 
 
 def _extension():
-    if os.environ.get(SWITCH, "1") == "0":
+    from batchnorm.cpu import ENV_VAR
+
+    if os.environ.get(ENV_VAR, "1") == "0":
         return None
     return _loaded["module"] if "module" in _loaded else _load()
 
