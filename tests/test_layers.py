@@ -42,6 +42,7 @@ LAYERS = {
     "batchnorm.backends": BACKENDS,
     "batchnorm.autograd": BACKENDS,  # deprecated alias of batchnorm.backends.torch_backend
     "batchnorm.functional": FUNCTIONAL,
+    "batchnorm.ghost": FUNCTIONAL,  # Ghost BN, the functional form under the modules
     "batchnorm.modules": MODULES,
     "batchnorm.swap": MODULES,
     "batchnorm.variants": MODULES,

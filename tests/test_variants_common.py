@@ -205,14 +205,11 @@ def test_kernels_accurate_with_a_large_offset_and_deterministic(variant, layout)
 
 
 # --------------------------------------------------------------------------------------------
-# After integration (the patches in the variants' report): skipped until the core takes them
+# The core package and its tools with the variants
 
 
-def test_after_integration_bn_modules_take_ghost_batch_size():
-    try:
-        a = batchnorm.BatchNorm2d(3, ghost_batch_size=4, momentum=None, dtype=torch.float64)
-    except TypeError:
-        pytest.skip("modules.py does not take ghost_batch_size yet (integration patch A)")
+def test_bn_modules_take_ghost_batch_size():
+    a = batchnorm.BatchNorm2d(3, ghost_batch_size=4, momentum=None, dtype=torch.float64)
     b = variants.GhostBatchNorm2d(3, ghost_batch_size=4, momentum=None, dtype=torch.float64)
     x = torch.randn(10, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
@@ -226,7 +223,7 @@ def test_after_integration_bn_modules_take_ghost_batch_size():
     assert torch.equal(a.eval()(x), b.eval()(x))
 
 
-def test_after_integration_fold_uses_fold_parts():
+def test_fold_uses_fold_parts():
     conv = nn.Sequential(nn.Conv2d(2, 3, 3), variants.FrozenBatchNorm2d(3)).double().eval()
     assert batchnorm.fold(conv, report=True)[1].folded
     gen = torch.Generator().manual_seed(1)
@@ -248,7 +245,7 @@ def test_after_integration_fold_uses_fold_parts():
     assert rel_err(batchnorm.fold(linear)(x), linear(x)) < 1e-12
 
 
-def test_after_integration_convert_to_renorm_and_sync():
+def test_convert_to_renorm_and_sync():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3),
                           variants.GhostBatchNorm2d(3, ghost_batch_size=2),
                           variants.InPlaceABN2d(3))

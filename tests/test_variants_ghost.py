@@ -3,6 +3,8 @@ virtual batch normalized with its own statistics, running statistics per virtual
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import test_variants_common as vc
 import torch
@@ -144,3 +146,77 @@ def test_bad_arguments_name_the_argument():
                          ghost_batch_size=2)
     assert rel_err(GhostBatchNorm1d(3, ghost_batch_size=None)(x),
                    batchnorm.BatchNorm1d(3)(x)) == 0  # None: plain BN
+
+
+# --------------------------------------------------------------------------------------------
+# ghost_batch_size on the plain modules, under the tools a user applies to them
+
+
+def _train_twice(module, x, *, call=None):
+    """Two training steps of ``call`` (default: the module) on ``x``; outputs and input grads."""
+    call = module if call is None else call
+    outputs = []
+    for _ in range(2):
+        xi = x.clone().requires_grad_()
+        y = call(xi)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum().backward()
+        outputs += [y.detach(), xi.grad]
+    return outputs
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["mom0.1", "cumulative"])
+@pytest.mark.parametrize("tool", ["script", "trace", "compile"])
+def test_plain_module_with_ghost_batches_under_tools(tool, momentum):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 3, 4, 4, dtype=torch.float64, generator=gen) * 2 + 1
+    eager = batchnorm.BatchNorm2d(3, momentum=momentum, ghost_batch_size=4,
+                                  activation="relu", dtype=torch.float64)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5, generator=gen)
+        eager.bias.uniform_(-0.5, 0.5, generator=gen)
+    other = batchnorm.BatchNorm2d(3, momentum=momentum, ghost_batch_size=4,
+                                  activation="relu", dtype=torch.float64)
+    other.load_state_dict(eager.state_dict())
+    if tool == "script":
+        call = torch.jit.script(other)
+    elif tool == "trace":
+        with warnings.catch_warnings():  # the virtual batch sizes are recorded as constants
+            warnings.simplefilter("ignore")
+            call = torch.jit.trace(other, x.clone(), check_trace=False)
+        other.load_state_dict(eager.state_dict())
+    else:
+        torch._dynamo.reset()
+        call = torch.compile(other, backend="aot_eager", fullgraph=False)
+    expected = _train_twice(eager, x)
+    got = _train_twice(other, x, call=call)
+    for a, b in zip(got, expected, strict=True):
+        assert rel_err(a, b) < 1e-12
+    for name in ("running_mean", "running_var"):
+        assert rel_err(getattr(other, name), getattr(eager, name)) < 1e-12
+    assert int(other.num_batches_tracked) == int(eager.num_batches_tracked) == 4  # 2 x [4, 6]
+    ref_y = ref.ghost_batch_norm_forward(x.numpy(), eager.weight.detach().numpy(),
+                                         eager.bias.detach().numpy(), 4)[0]
+    assert rel_err(expected[2], torch.from_numpy(ref_y).clamp_min(0)) < 1e-12
+
+
+def test_plain_module_with_ghost_batches_in_model_tools():
+    gen = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3),
+                                batchnorm.BatchNorm2d(3, ghost_batch_size=2))
+    model(torch.randn(6, 2, 5, 5, generator=gen))
+    assert "ghost_batch_size=2" in repr(model[1])
+    with pytest.raises(ValueError, match=r"\(s\) 1 normalize ghost.*ghost_batch_size=None"):
+        batchnorm.convert(model, to="torch")
+    with pytest.raises(ValueError, match="ghost batches of 2 samples"):
+        batchnorm.SyncBatchNorm.from_batchnorm(model[1])
+    _, report = batchnorm.convert(model, sync=True, report=True)  # logs a warning too
+    assert [name for name, _ in report.skipped] == ["1"] and "ghost" in report.skipped[0][1]
+    assert type(model[1]) is batchnorm.BatchNorm2d
+    frozen = batchnorm.freeze(model)
+    assert isinstance(frozen[1], batchnorm.FrozenBatchNorm2d)
+    back = batchnorm.unfreeze(frozen)
+    assert type(back[1]) is batchnorm.BatchNorm2d and back[1].ghost_batch_size == 2
+    empty = back[1](torch.randn(0, 3, 3, 3))  # an empty batch, as torch.nn.BatchNorm2d takes it
+    assert empty.shape == (0, 3, 3, 3)
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive int"):
+        batchnorm.BatchNorm1d(3, ghost_batch_size=0)

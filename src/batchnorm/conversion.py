@@ -99,7 +99,10 @@ def _to_sync(module: _BatchNorm, fused: bool, process_group) -> tuple[nn.Module 
         if module is None:
             return None, reason
     if type(module) in PLAIN_BATCHNORMS:
-        return SyncBatchNorm.from_batchnorm(module, process_group), ""
+        try:
+            return SyncBatchNorm.from_batchnorm(module, process_group), ""
+        except ValueError as error:  # ghost batches, which synchronization would drop
+            return None, str(error)
     return None, unknown_class_reason(module)
 
 
@@ -177,6 +180,12 @@ def convert(
             raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(fused_layers)} fuse "
                              "an activation, which torch.nn.BatchNorm*d cannot hold; rebuild them "
                              "with activation=None followed by the nonlinearity first")
+        ghost_layers = [name or "model" for name, m in model.named_modules()
+                        if type(m) in OURS_TO_TORCH and m.ghost_batch_size is not None]
+        if ghost_layers:
+            raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(ghost_layers)} "
+                             "normalize ghost batches (ghost_batch_size), which "
+                             "torch.nn.BatchNorm*d cannot; set ghost_batch_size=None first")
     result = ConvertReport()
     replacements: dict[int, nn.Module | None] = {}  # a layer registered twice is one layer
     for name, module in list(model.named_modules(remove_duplicate=False)):

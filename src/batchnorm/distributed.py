@@ -355,6 +355,13 @@ class SyncBatchNorm(BatchNormBase):
             raise TypeError(f"SyncBatchNorm.from_batchnorm: module must be a BatchNorm layer "
                             f"(torch.nn.modules.batchnorm._BatchNorm), got "
                             f"{type(module).__name__}")
+        ghost = getattr(module, "ghost_batch_size", None)
+        if ghost is not None:
+            raise ValueError(
+                f"SyncBatchNorm.from_batchnorm: the layer normalizes ghost batches of {ghost} "
+                "samples, which SyncBatchNorm (statistics of the whole batch over all processes) "
+                "would drop; keep it unsynchronized (each process's ghost batches are its own) "
+                "or set ghost_batch_size=None first")
         new = rebuild(module, cls, process_group=process_group,
                       activation=getattr(module, "activation", None),
                       backend=getattr(module, "backend", "auto"))

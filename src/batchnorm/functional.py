@@ -176,3 +176,12 @@ def check_arguments(
             raise TypeError(f"batch_norm: residual must have input's dtype {input.dtype}, got "
                             f"{residual.dtype}")
     return input.numel() == 0
+
+
+def check_as(who: str, *args, **kwargs) -> None:
+    """:func:`check_arguments`, with ``who`` naming the caller in the message instead of
+    ``batch_norm`` (for the BN family's functions built on :func:`batch_norm`)."""
+    try:
+        check_arguments(*args, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("batch_norm:", f"{who}:", 1)) from None

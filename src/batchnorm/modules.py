@@ -3,11 +3,12 @@
 They subclass torch's classes, so constructor arguments, parameters (``weight``, ``bias``),
 buffers (``running_mean``, ``running_var``, ``num_batches_tracked``), ``state_dict`` keys,
 ``reset_parameters`` and ``isinstance(m, torch.nn.BatchNorm2d)`` all stay as in torch; only the
-computation is ours (:func:`batchnorm.functional.batch_norm`). Two keyword-only extras:
+computation is ours (:func:`batchnorm.functional.batch_norm`). Three keyword-only extras:
 ``activation`` fuses a nonlinearity (and ``forward(x, residual)`` a residual add) into BN,
-``backend`` picks the implementation. Those options, the input checks and the running-average
-bookkeeping live in :class:`BatchNormBase`, which :class:`batchnorm.SyncBatchNorm` derives from
-too.
+``backend`` picks the implementation, ``ghost_batch_size`` normalizes virtual batches of that
+many samples (Ghost BN, :mod:`batchnorm.ghost`). Those options, the input checks and the
+running-average bookkeeping live in :class:`BatchNormBase`, which :class:`batchnorm.SyncBatchNorm`
+derives from too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from batchnorm import functional
 from batchnorm.activations import check_activation, epilogue
 from batchnorm.backends import composite
+from batchnorm.ghost import check_ghost_batch_size, ghost_batch_sizes, ghost_forward
 
 
 def statistics_arguments(
@@ -75,10 +77,11 @@ class BatchNormBase(_BatchNorm):
     """What every BN layer of ours shares, :class:`batchnorm.SyncBatchNorm` included.
 
     On top of torch's ``_BatchNorm`` (parameters, buffers, ``state_dict``, every constructor
-    argument of torch's): the two keyword-only options (a fused ``activation``, the
-    ``backend``), the input checks, the running-average factor and the choice of statistics,
-    all as ``torch.nn.BatchNorm*d`` decides them. Its :meth:`forward` is the single-process
-    computation; ``SyncBatchNorm`` overrides it to pool the statistics over processes.
+    argument of torch's): the keyword-only options (a fused ``activation``, the ``backend``,
+    ``ghost_batch_size``), the input checks, the running-average factor and the choice of
+    statistics, all as ``torch.nn.BatchNorm*d`` decides them. Its :meth:`forward` is the
+    single-process computation; ``SyncBatchNorm`` overrides it to pool the statistics over
+    processes.
 
     Tools that trace or compile: under ``torch.fx`` tracing the layer is recorded as one
     ``call_module`` (a leaf, as torch's BN layers are); ``torch.jit.script`` compiles
@@ -94,12 +97,16 @@ class BatchNormBase(_BatchNorm):
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
         bias: bool = True, activation: str | None = None, backend: str = "auto",
+        ghost_batch_size: int | None = None,
     ):
         check_activation(activation, type(self).__name__)
+        if ghost_batch_size is not None:
+            check_ghost_batch_size(type(self).__name__, ghost_batch_size)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias)
         self.activation = activation
         self.backend = backend
+        self.ghost_batch_size = ghost_batch_size
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -107,6 +114,8 @@ class BatchNormBase(_BatchNorm):
             text += f", activation={self.activation!r}"
         if self.backend != "auto":
             text += f", backend={self.backend!r}"
+        if self.ghost_batch_size is not None:
+            text += f", ghost_batch_size={self.ghost_batch_size}"
         return text
 
     def _check_input_dim(self, input):
@@ -148,13 +157,33 @@ class BatchNormBase(_BatchNorm):
             functional.untraced(self._check_input_dim, input)
         else:
             self._check_input_dim(input)
+        if self.ghost_batch_size is not None and self._uses_batch_statistics():
+            return ghost_forward(self, input, residual)
         return self._local_batch_norm(input, residual, *self._statistics_arguments())
+
+    def _uses_batch_statistics(self) -> bool:
+        buffers = self._buffers
+        return self.training or (buffers["running_mean"] is None
+                                 and buffers["running_var"] is None)
 
     def _scripted_forward(self, input: torch.Tensor,
                           residual: torch.Tensor | None) -> torch.Tensor:
         """:meth:`forward` in TorchScript: the same checks, statistics and running averages,
         computed by :func:`batchnorm.backends.composite.batch_norm` (``backend`` is ignored)."""
         check_input(input, self.num_features, list(self._expected_dims), "BatchNorm")
+        ghost = self.ghost_batch_size
+        if ghost is not None and input.numel() > 0 and (
+                self.training or (self.running_mean is None and self.running_var is None)):
+            # Ghost BN: each virtual batch counted and averaged in turn, as ghost_forward does
+            outputs: list[torch.Tensor] = []
+            for part in input.split(ghost_batch_sizes(input.shape[0], ghost)):
+                running_mean, running_var, _, factor = statistics_arguments(
+                    self.training, self.track_running_stats, self.momentum, self.running_mean,
+                    self.running_var, self.num_batches_tracked)
+                composite.check_values_per_channel(part, True)
+                outputs.append(composite.batch_norm(part, running_mean, running_var, self.weight,
+                                                    self.bias, True, factor, self.eps))
+            return epilogue(torch.cat(outputs), self.activation, residual)
         running_mean, running_var, use_batch_stats, factor = statistics_arguments(
             self.training, self.track_running_stats, self.momentum, self.running_mean,
             self.running_var, self.num_batches_tracked)

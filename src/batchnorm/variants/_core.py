@@ -8,7 +8,7 @@ from __future__ import annotations
 import numbers
 
 from batchnorm.activations import ACTIVATIONS, check_activation, epilogue
-from batchnorm.functional import batch_norm, check_arguments
+from batchnorm.functional import batch_norm, check_arguments, check_as
 from batchnorm.modules import (
     TORCH_BATCHNORMS,
     BatchNorm1d,
@@ -29,15 +29,6 @@ __all__ = [
     "check_arguments", "epilogue", "is_number", "per_channel", "rebuild", "reduce_dims",
     "replace", "averaging_factor", "statistics_arguments",
 ]
-
-
-def check_as(who: str, *args) -> None:
-    """:func:`batchnorm.functional.check_arguments`, with ``who`` naming the caller in the
-    message instead of ``batch_norm``."""
-    try:
-        check_arguments(*args)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("batch_norm:", f"{who}:", 1)) from None
 
 
 def is_number(value) -> bool:

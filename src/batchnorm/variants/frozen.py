@@ -199,6 +199,8 @@ def freeze(model: nn.Module) -> nn.Module:
             kwargs = dict(momentum=module.momentum, affine=module.affine)
             if isinstance(module, BatchNormBase):
                 kwargs.update(activation=module.activation, backend=module.backend)
+                if module.ghost_batch_size is not None:
+                    kwargs.update(ghost_batch_size=module.ghost_batch_size)
             if hasattr(module, "variant_kwargs"):
                 kwargs.update(module.variant_kwargs())
             frozen.unfreeze_spec = (trainable, kwargs, int(module.num_batches_tracked or 0))

@@ -37,11 +37,12 @@ from ``z`` directly), and BN's outputs rarely go below -10, so gradients stay ac
 recovered; ``sigmoid`` and ``tanh`` are injective but saturate to 1 in floating point from
 ``|y| ~ 9`` (float32), losing ``y`` there: all four raise ValueError.
 
-Implementation: on the CPU (float32/float64) the variants' fused kernels (:mod:`._kernels`):
-statistics in one pass, the affine map and activation in another; the backward's two per-channel
-sums in one pass over ``(z, dz)``, ``dx`` in a second, recovering ``y`` per element. Elsewhere
-:class:`InPlaceABNFunction` does the same in ATen operations. Either saves only ``z``, the
-(raw) weight, the bias and the per-channel ``1/sqrt(var + eps)``.
+Implementation: on the CPU (float32/float64) the variants' fused kernels
+(:mod:`batchnorm.backends.family`): statistics in one pass, the affine map and activation in
+another; the backward's two per-channel sums in one pass over ``(z, dz)``, ``dx`` in a second,
+recovering ``y`` per element. Elsewhere :class:`InPlaceABNFunction` does the same in ATen
+operations. Either saves only ``z``, the (raw) weight, the bias and the per-channel ``1/sqrt(var +
+eps)``.
 
 Double backward is supported: the backward is written in differentiable operations of the
 saved output ``z`` and the per-channel ``1/sqrt(var + eps)``, which the Function also returns,
@@ -57,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchnorm.variants import _kernels
+from batchnorm.backends import family as _kernels
 from batchnorm.variants._core import (
     BatchNormBase,
     batch_norm,
@@ -203,8 +204,9 @@ def inplace_activated_batch_norm(
     (``"identity"``, ``"leaky_relu"`` with ``negative_slope``, ``"elu"`` with ``alpha``) and
     ``inplace`` (write the output over ``input``, when it is contiguous or channels-last).
 
-    On the CPU (float32, float64) this runs the fused kernels of :mod:`._kernels`, elsewhere
-    :class:`InPlaceABNFunction` (ATen operations); both compute the formulas above."""
+    On the CPU (float32, float64) this runs the fused kernels of
+    :mod:`batchnorm.backends.family`, elsewhere :class:`InPlaceABNFunction` (ATen operations);
+    both compute the formulas above."""
     who = "inplace_activated_batch_norm"
     check_as(who, input, running_mean, running_var, weight, bias, training, momentum, eps,
              None, None)

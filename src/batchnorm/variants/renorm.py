@@ -20,10 +20,10 @@ weight ``gamma r`` and bias ``gamma d + beta``, so BN's closed-form backward wit
 exactly the paper's gradients: ``dx`` of BN with weight ``gamma r``, ``dgamma = r dw' + d db'``,
 ``dbeta = db'`` (section 3's formulas; tested against :mod:`batchnorm.variants.reference`). On
 the CPU (float32/float64) the variants' fused kernels do this in one call (statistics once,
-r, d and the moving averages in C++, :mod:`._kernels`); elsewhere the batch statistics are
-taken without gradient and :func:`batchnorm.functional.batch_norm` runs with the effective
-weight and bias, autograd supplying ``dgamma = r dw' + d db'``. Double backward works on both
-paths (r and d constants).
+r, d and the moving averages in C++, :mod:`batchnorm.backends.family`); elsewhere the batch
+statistics are taken without gradient and :func:`batchnorm.functional.batch_norm` runs with the
+effective weight and bias, autograd supplying ``dgamma = r dw' + d db'``. Double backward works on
+both paths (r and d constants).
 
 Moving averages and torch's buffers. ``running_mean`` holds mu. ``running_var`` holds
 ``sigma^2 - eps``, so that BN's inference map ``(x - running_mean) / sqrt(running_var + eps)``
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchnorm.variants import _kernels
+from batchnorm.backends import family as _kernels
 from batchnorm.variants._core import (
     OURS,
     TORCH_BATCHNORMS,

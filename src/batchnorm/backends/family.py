@@ -1,5 +1,5 @@
-"""The variants' fused CPU kernels (``family_cpu.cpp``): Ghost BN, Batch Renormalization and
-in-place ABN in training, each with its C++ autograd Function.
+"""The BN family's fused CPU kernels (``batchnorm/cpu/family_cpu.cpp``): Ghost BN, Batch
+Renormalization and in-place ABN in training, each with its C++ autograd Function.
 
 Compiled with the system's C++ compiler on first use (``torch.utils.cpp_extension``, cached
 under ``~/.cache/torch_extensions`` by :func:`batchnorm.cpu.compile_extension`, which names and
@@ -21,7 +21,7 @@ import torch
 
 from batchnorm.backends import plain_eager
 
-SOURCE = Path(__file__).with_name("family_cpu.cpp")
+SOURCE = Path(__file__).parent.parent / "cpu" / "family_cpu.cpp"
 ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
 _loaded: dict = {}
 
