@@ -118,6 +118,15 @@ def _to_torch(module: _BatchNorm) -> tuple[nn.Module | None, str]:
     return None, ""  # torch's, or another library's layer: not ours
 
 
+#: options of ours that torch's BN layers lack: (attribute, what a layer with it does, the fix)
+_TORCH_CANNOT = (
+    ("activation", "fuse an activation", "rebuild them with activation=None followed by the "
+     "nonlinearity"),
+    ("ghost_batch_size", "normalize ghost batches (ghost_batch_size)",
+     "set ghost_batch_size=None"),
+)
+
+
 def _describe(old: nn.Module, new: nn.Module) -> str:
     text = f"{qualified_name(type(old))} -> {qualified_name(type(new))}"
     activation = getattr(new, "activation", None)
@@ -173,19 +182,14 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if to == "torch":
-        # torch's BN cannot hold a fused nonlinearity; dropping it would change the model
-        fused_layers = [name or "model" for name, m in model.named_modules()
-                        if type(m) in OURS_TO_TORCH and m.activation is not None]
-        if fused_layers:
-            raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(fused_layers)} fuse "
-                             "an activation, which torch.nn.BatchNorm*d cannot hold; rebuild them "
-                             "with activation=None followed by the nonlinearity first")
-        ghost_layers = [name or "model" for name, m in model.named_modules()
-                        if type(m) in OURS_TO_TORCH and m.ghost_batch_size is not None]
-        if ghost_layers:
-            raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(ghost_layers)} "
-                             "normalize ghost batches (ghost_batch_size), which "
-                             "torch.nn.BatchNorm*d cannot; set ghost_batch_size=None first")
+        # torch's BN can hold neither a fused nonlinearity nor ghost batches; dropping either
+        # would change the model
+        for option, what, fix in _TORCH_CANNOT:
+            layers = [name or "model" for name, m in model.named_modules()
+                      if type(m) in OURS_TO_TORCH and getattr(m, option) is not None]
+            if layers:
+                raise ValueError(f"convert(to='torch'): BN layer(s) {', '.join(layers)} {what}, "
+                                 f"which torch.nn.BatchNorm*d cannot; {fix} first")
     result = ConvertReport()
     replacements: dict[int, nn.Module | None] = {}  # a layer registered twice is one layer
     for name, module in list(model.named_modules(remove_duplicate=False)):
