@@ -36,9 +36,11 @@ training, the training accuracy is measured the same way on ``--train-eval`` tra
 examples. The summary says, by Welch's t-test over seeds (:mod:`batchnorm.repro.seeds`),
 whether in-place ABN's accuracy differs from BN + leaky ReLU's by more than seed noise.
 
-Time: with the defaults, 1 thread, on this project's 2-core CPU with another job running, part
-1 takes about 1 minute and part 2 about 7 minutes per seed: about 22 minutes for the 3 seeds
-(measured on a 50-step run and extrapolated).
+Time: with the defaults, 1 thread, on this project's 2-core CPU shared with other jobs (load
+average about 6.5), part 1 takes about 1 minute (BN-Inception at 224x224, batch 16: 16 s per
+variant) and part 2 about 7 minutes per seed (0.2 s per training step, 2.5 s per evaluation on
+2000 test examples): about 22 minutes for the default 3 seeds. Measured on a 100-step run of
+the command (2 minutes) and extrapolated.
 
 Writes ``figure.png``, ``results.json``, ``metrics.csv`` (one row per network and variant:
 the memory numbers) and ``summary.md`` to ``--out``.
@@ -56,7 +58,7 @@ from torch import nn
 from batchnorm.models.inception import InceptionBN
 from batchnorm.models.resnet import PreActResNet
 from batchnorm.modules import BatchNorm2d
-from batchnorm.repro import interrupt, seeds, sweep
+from batchnorm.repro import interrupt, memory_report, seeds, sweep
 from batchnorm.repro.common import (
     ArgumentError,
     check_arguments,
@@ -81,7 +83,7 @@ VARIANTS = {
 BASELINE, CANDIDATE = "bn-leaky-relu", "inplace-abn"
 NETWORKS = ("BN-Inception", "PreActResNet")
 
-DEFAULTS = dict(steps=600, batch_size=64, lr=0.05, momentum=0.9, width=16, blocks=2,
+DEFAULTS = dict(steps=900, batch_size=64, lr=0.05, momentum=0.9, width=16, blocks=2,
                 train_subset=0, test_subset=2000, train_eval=5000, eval_every=100, target=0.85,
                 seeds=3, variants=f"{BASELINE},{CANDIDATE}", memory_batch_size=16,
                 inception_width=1.0, inception_image_size=224)
@@ -90,24 +92,19 @@ DEFAULTS = dict(steps=600, batch_size=64, lr=0.05, momentum=0.9, width=16, block
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_arguments(parser, DEFAULTS | {"out": "results/memory"})
     parser.set_defaults(seeds=DEFAULTS["seeds"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--width", type=int, default=DEFAULTS["width"],
-                        help="PreActResNet: channels of the first stage")
-    parser.add_argument("--blocks", type=int, default=DEFAULTS["blocks"],
-                        help="PreActResNet: residual blocks per stage (3 stages)")
-    parser.add_argument("--variants", default=DEFAULTS["variants"],
-                        help=f"comma-separated variants to train, of {list(VARIANTS)} (memory "
-                             "is measured for all)")
-    parser.add_argument("--train-eval", type=int, default=DEFAULTS["train_eval"],
-                        help="training examples the final training accuracy is measured on")
-    parser.add_argument("--memory-batch-size", type=int, default=DEFAULTS["memory_batch_size"],
-                        help="batch size of the memory measurements")
-    parser.add_argument("--inception-width", type=float, default=DEFAULTS["inception_width"],
-                        help="BN-Inception's filter multiplier (1: the paper's network)")
-    parser.add_argument("--inception-image-size", type=int,
-                        default=DEFAULTS["inception_image_size"],
-                        help="BN-Inception's input size (>= 64: the paper's ImageNet stem; "
-                             "smaller: the small-image stem)")
+    for option, kind, text in (
+            ("lr", float, "learning rate"),
+            ("width", int, "PreActResNet: channels of the first stage"),
+            ("blocks", int, "PreActResNet: residual blocks per stage (3 stages)"),
+            ("variants", str, f"comma-separated variants to train, of {list(VARIANTS)} (memory "
+                              "is measured for all)"),
+            ("train_eval", int, "training examples the final training accuracy is measured on"),
+            ("memory_batch_size", int, "batch size of the memory measurements"),
+            ("inception_width", float, "BN-Inception's filter multiplier (1: the paper's)"),
+            ("inception_image_size", int, "BN-Inception's input size (>= 64: the paper's "
+                                          "ImageNet stem; smaller: the small-image stem)")):
+        parser.add_argument(f"--{option.replace('_', '-')}", type=kind, default=DEFAULTS[option],
+                            help=text)
 
 
 def check(args) -> list[str]:
@@ -228,8 +225,6 @@ def train_seed(args, variants: list[str]) -> int:
 
 
 def run(args) -> int:
-    from batchnorm.repro import memory_report
-
     variants = check(args)
     check_arguments(args, at_least=dict(steps=1, batch_size=1, eval_every=1, momentum=0,
                                         seeds=1))
@@ -246,5 +241,6 @@ def run(args) -> int:
         args, lambda one: train_seed(one, variants), "memory",
         lambda out_, folders, seconds: memory_report.write(
             out, args, rows, ratios(rows), seeds.read_seeds(folders, "results.json"),
-            seconds=memory_seconds + seconds),
+            labels={name: label for name, (label, _) in VARIANTS.items()},
+            pair=(BASELINE, CANDIDATE), seconds=memory_seconds + seconds),
         folders_for_one=True)
