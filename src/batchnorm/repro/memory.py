@@ -226,11 +226,8 @@ def train_seed(args, variants: list[str]) -> int:
 
 def run(args) -> int:
     variants = check(args)
-    check_arguments(args, at_least=dict(steps=1, batch_size=1, eval_every=1, momentum=0,
-                                        seeds=1))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    data = sweep.load(args)  # the shapes; and missing data fails before the measurements
+    data = sweep.load(args)  # checks the shared arguments, sets --threads; the input shapes
+    # (and missing data fails before the measurements)
     if data is None:
         return 2
     out = prepare_out_dir(args.out)

@@ -24,11 +24,17 @@ after ``reset_peak_memory_stats`` (the caching allocator's allocated bytes, not 
 pool). CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
 of torch's CPU allocator; the running sum of those events in time order, maximized, is the
 peak (allocations outside torch's allocator, e.g. a library's private workspace, are not
-seen).
+seen). The profiler's C++ side (kineto) prints ``USDT ... profiler_start`` / ``profiler_stop``
+lines on the process's standard error that no setting turns off; file descriptor 2 is pointed
+at ``/dev/null`` while it runs (Python's exceptions still propagate; anything else written to
+the native stderr during the measured step is lost).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -133,7 +139,8 @@ def peak_memory(function: Callable[[], object], device: torch.device | str) -> i
         raise ValueError(f"peak_memory: measures cpu and cuda devices only, got {device}")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_muted(), profile(activities=[ProfilerActivity.CPU],
+                                         profile_memory=True) as prof:
         function()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -143,3 +150,17 @@ def peak_memory(function: Callable[[], object], device: torch.device | str) -> i
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """File descriptor 2 to ``/dev/null`` inside the block (see the module docstring)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
