@@ -84,10 +84,12 @@ def _figure(path: Path, rows: list[dict], records: list[dict], variants: list[st
                          for rec in records]
             plot_band(cx, [p["step"] for p in histories[0]],
                       [[p["test_accuracy"] for p in h] for h in histories],
-                      color=colors[variant], label=labels[variant])
+                      color=colors[variant], label=labels[variant],
+                      ls="--" if variant == baseline else "-")
         finish(cx, "training step", "test accuracy",
                f"(c) PreActResNet, {records[0]['config']['dataset']} (mean, min-max over "
-               f"{len(records)} seeds)", legend=dict(fontsize=8, loc="lower right"), fontsize=10)
+               f"{len(records)} seeds; dashed: {labels[baseline]})",
+               legend=dict(fontsize=8, loc="lower right"), fontsize=9)
 
 
 def _summary(rows, ratio_rows, training, verdicts, config, records, seconds, labels,
