@@ -26,6 +26,8 @@ EXPERIMENTS = {
     "lr-sweep": ("batchnorm.repro.lr_sweep", "Claim 1: learning rates x1..x30 with and without BN"),
     "depth": ("batchnorm.repro.depth", "Claims 4-5: deep sigmoid networks with and without BN"),
     "ics": ("batchnorm.repro.ics", "Mechanism: stability, ICS, smoothness; no BN/BN/noisy BN"),
+    "memory": ("batchnorm.repro.memory",
+               "In-place activated BN: saved bytes, peak memory and accuracy vs BN + activation"),
 }
 COMMANDS = {
     "demo": ("batchnorm.repro.demo", "Train a small BN model; population stats and folding agree"),

@@ -8,9 +8,17 @@ SmallConvNet` are both made of :class:`ConvUnit` s and initialized by :func:`ini
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from batchnorm.modules import BatchNorm2d
+
+#: A factory ``channels -> module`` for BN with its activation fused, e.g.
+#: ``lambda c: batchnorm.BatchNorm2d(c, activation="leaky_relu")`` or
+#: ``lambda c: batchnorm.InPlaceABN2d(c, activation="leaky_relu", negative_slope=0.01)``: what
+#: the models' ``norm`` argument takes in place of their default ``BatchNorm2d(c, activation=)``.
+NormAct = Callable[[int], nn.Module]
 
 #: The hidden nonlinearities the models offer (the paper's ReLU and sigmoid). Not to be
 #: confused with :data:`batchnorm.activations.ACTIVATIONS`, what a BN layer can fuse.
@@ -34,11 +42,15 @@ class ConvUnit(nn.Sequential):
 
     A ``Sequential`` of [conv (, pointwise conv), BN with fused activation | activation] so that
     tools that look for a convolution directly followed by BN (``batchnorm.fold``) find it.
+    With ``bn``, ``norm`` (a :data:`NormAct` factory) makes the BN + activation layer instead of
+    ``BatchNorm2d(out_channels, activation=activation)``; ``activation`` then only sets the
+    initialization's gain (:func:`init_weights`).
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
         bn: bool, activation: str, depth_multiplier: int | None = None,
+        norm: NormAct | None = None,
     ):
         padding = kernel_size // 2
         layers: list[nn.Module] = []
@@ -51,7 +63,8 @@ class ConvUnit(nn.Sequential):
                                     groups=in_channels, bias=False))
             layers.append(nn.Conv2d(mid, out_channels, 1, bias=not bn))
         if bn:
-            layers.append(BatchNorm2d(out_channels, activation=activation))
+            layers.append(BatchNorm2d(out_channels, activation=activation) if norm is None
+                          else norm(out_channels))
         else:
             layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.Sigmoid())
         super().__init__(*layers)

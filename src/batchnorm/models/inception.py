@@ -55,6 +55,7 @@ from torch import nn
 from batchnorm.models.blocks import (
     NONLINEARITIES,
     ConvUnit,
+    NormAct,
     check_choice,
     check_positive_int,
     init_weights,
@@ -103,10 +104,10 @@ class InceptionModule(nn.Module):
     pool (-> 1x1 projection). Branches with zero width are omitted (3c, 4e have no 1x1)."""
 
     def __init__(self, in_channels: int, spec: ModuleSpec, *, bn: bool, activation: str,
-                 width: float = 1.0):
+                 width: float = 1.0, norm: NormAct | None = None):
         super().__init__()
         w = _scaler(width)
-        unit = dict(bn=bn, activation=activation)
+        unit = dict(bn=bn, activation=activation, norm=norm)
         s = spec.stride
         self.spec = spec
         self.in_channels = in_channels
@@ -151,12 +152,16 @@ class InceptionBN(nn.Module):
             accelerated BN networks).
         stem: ``"imagenet"`` (224x224 inputs, the table's stem) or ``"small"`` (28x28/32x32).
         width: filter-count multiplier (1 = the paper's network).
+        norm: with ``bn``, a factory ``channels -> BN + activation layer``
+            (:data:`~batchnorm.models.blocks.NormAct`, e.g. in-place activated BN) used for
+            every unit instead of ``BatchNorm2d(channels, activation=activation)``;
+            ``activation`` then only sets the initialization's gain.
     """
 
     def __init__(
         self, num_classes: int = 1000, in_channels: int = 3, *, bn: bool = True,
         activation: str = "relu", dropout: float = 0.0, lrn: bool = False,
-        stem: str = "imagenet", width: float = 1.0,
+        stem: str = "imagenet", width: float = 1.0, norm: NormAct | None = None,
     ):
         super().__init__()
         check_choice("InceptionBN", "activation", activation, NONLINEARITIES)
@@ -171,7 +176,7 @@ class InceptionBN(nn.Module):
                            activation=activation, dropout=dropout, lrn=lrn, stem=stem,
                            width=width)
         w = _scaler(width)
-        unit = dict(bn=bn, activation=activation)
+        unit = dict(bn=bn, activation=activation, norm=norm)
         c1, c2r, c2 = (w(c) for c in STEM_WIDTHS)
         imagenet = stem == "imagenet"
         layers: OrderedDict[str, nn.Module] = OrderedDict()
