@@ -170,9 +170,11 @@ def batch_norm(
         y = training_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
     else:
         # Inference is Algorithm 2's fixed affine map; autograd through it is exact.
-        invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)
-        scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
-        y = cast(_affine(cast(input, invstd.dtype), shift, scale), input.dtype)
+        y = cpu_kernels.infer(input, weight, bias, running_mean, running_var, eps)
+        if y is None:  # not a float32/64 CPU tensor, or no kernels: ATen operations
+            invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)
+            scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
+            y = cast(_affine(cast(input, invstd.dtype), shift, scale), input.dtype)
     if residual is not None:
         y = y + residual
     if activation is not None:
