@@ -296,6 +296,21 @@ def test_eval_kernel_leaves_running_statistics_with_gradients_to_aten(rng):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape, fmt", [((3, 5, 1000, 283), None),  # 17 MB, runs of 283000
+                                        ((64, 13, 80, 80), torch.channels_last)])  # rows of 13
+def test_large_outputs(shape, fmt, rng):
+    """From 16 MB on, y and dx are written with streaming stores (from a 32-byte boundary on,
+    the values before it and after the last full vector are stored one by one)."""
+    x, w, b, dy = _inputs(shape, fmt, torch.float32, rng, 2.0)
+    xg = x.clone().requires_grad_()
+    y = training_batch_norm(xg, w, b, None, None, 0.1, 1e-5)
+    y.backward(dy)
+    y_ref, dx_ref, _, _, _, _ = _reference(x, w, b, dy, 0.1, 1e-5)
+    assert y.stride() == x.stride() and xg.grad.stride() == x.stride()
+    assert rel_err(y, y_ref) < 2e-6 and rel_err(xg.grad, dx_ref) < 2e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape, fmt", SHAPES[:6])
 def test_training_outputs_are_fully_written(shape, fmt, rng):
     x, w, b, dy = _inputs(shape, fmt, torch.float32, rng, 1.0)
