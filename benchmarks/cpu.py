@@ -12,7 +12,9 @@ generated code built for that thread count). Two tables, float32:
 
 Shared machines drift, so the implementations are timed in alternation for ``--rounds``
 rounds; a table reports each one's median over rounds, and the median of the per-round ratios
-ours / peer with the smallest and largest per-round ratio beside it.
+ours / peer with the smallest and largest per-round ratio beside it. With one thread the clock
+is the calling thread's CPU time (all three implementations run there; a process waiting for a
+core on a shared machine does not count), with more it is wall time.
 
 The hardware limit is the rate of ``dst.copy_(x)`` for a tensor of the same shape, timed in the
 same rounds (so the same caches are in play). A training step must move at least five tensors
@@ -31,6 +33,7 @@ import os
 import platform
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -91,8 +94,12 @@ def torch_class(shape):
 
 
 def timer(fn, min_run_time: float) -> float:
-    """Median seconds of one call of ``fn``."""
-    t = bench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    """Median seconds of one call of ``fn``: with one thread, the CPU time of the calling thread
+    (all three run there; on a shared machine this leaves out the time the thread waits,
+    descheduled, for a core), with more, wall time."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    t = bench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                    timer=clock)
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -214,9 +221,10 @@ def main() -> int:
         f"Device: {device}; torch {torch.__version__}. Command: `python benchmarks/cpu.py "
         f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds} --min-run-time "
         f"{args.min_run_time}`. {args.rounds} alternating rounds of `torch.utils.benchmark` "
-        f"medians; times are medians over rounds, ratios the median of per-round ratios "
-        f"[min, max]. Inductor: `torch.compile` of torch.nn's module. Hardware limit: the "
-        f"same-size `copy_` rate, timed in the same rounds.\n\n"
+        f"medians (1 thread: CPU time of the calling thread; 2 threads: wall time); times "
+        f"are medians over rounds, ratios the median of per-round ratios [min, max]. "
+        f"Inductor: `torch.compile` of torch.nn's module. Hardware limit: the same-size "
+        f"`copy_` rate, timed in the same rounds.\n\n"
         + table(train_rows, "Training forward + backward",
                 f"Targets: ours <= min(eager, Inductor); of copy-rate limit (2.5 x copy time / "
                 f"ours: a step moves at least {MIN_TENSORS_MOVED} tensors) >= 50% from "

@@ -41,6 +41,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <algorithm>
 #include <type_traits>
 #if defined(__AVX__)
@@ -345,135 +346,139 @@ struct RowBlocks {
   int64_t grain(int64_t C) const {
     return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, rows_per_block * C));
   }
+  int64_t rows_in(int64_t blk, int64_t rows) const {
+    return std::min(rows, (blk + 1) * rows_per_block) - blk * rows_per_block;
+  }
 };
 
-// Per-channel mean and biased variance of MC rows, in one read.
+// Blocks [b0, b1) of MC rows: per block and channel, the origin R (the mean of the block's
+// first rows), A = sum(x - R) and B = sum((x - R)^2), into part (3 C doubles per block);
+// scratch holds 3 C values.
 template <typename T>
-void mc_moments(const Layout& L, const T* x, double* mean, double* var) {
+void mc_moments_blocks(const Layout& L, const T* x, const RowBlocks& blocks, int64_t b0,
+                       int64_t b1, double* part, T* scratch) {
   const int64_t C = L.C, rows = L.rows;
-  const RowBlocks blocks(rows);
-  std::vector<double> part(blocks.count * 3 * C);  // per block: R, A, B per channel
-  at::parallel_for(0, blocks.count, blocks.grain(C), [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(3 * C);
-    T *shift = buf.data(), *s1 = shift + C, *s2 = s1 + C;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      double *R = part.data() + blk * 3 * C, *A = R + C, *B = A + C;
-      const int64_t r0 = blk * blocks.rows_per_block;
-      const int64_t r1 = std::min(rows, r0 + blocks.rows_per_block);
-      // origin: each channel's mean over the block's first rows (read again just below)
-      const T* first = x + r0 * L.outer;
-      const int64_t n0 = std::min(kOriginRows, r1 - r0);
-      std::fill(s1, s1 + C, T(0));
-      for (int64_t r = r0; r < r0 + n0; ++r) {
-        const T* xr = x + r * L.outer;
+  T *shift = scratch, *s1 = shift + C, *s2 = s1 + C;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    double *R = part + blk * 3 * C, *A = R + C, *B = A + C;
+    const int64_t r0 = blk * blocks.rows_per_block;
+    const int64_t r1 = std::min(rows, r0 + blocks.rows_per_block);
+    // origin: each channel's mean over the block's first rows (read again just below)
+    const T* first = x + r0 * L.outer;
+    const int64_t n0 = std::min(kOriginRows, r1 - r0);
+    std::fill(s1, s1 + C, T(0));
+    for (int64_t r = r0; r < r0 + n0; ++r) {
+      const T* xr = x + r * L.outer;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) s1[c] += xr[c] - first[c];
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        R[c] = double(first[c]) + double(s1[c]) / double(n0);
-        shift[c] = T(R[c]);
-        A[c] = B[c] = 0.0;
-      }
-      for (int64_t i0 = r0; i0 < r1; i0 += kChunkRows) {
-        const int64_t i1 = std::min(r1, i0 + kChunkRows);
-        std::fill(s1, s1 + 2 * C, T(0));
-        int64_t r = i0;
-        for (; r + 4 <= i1; r += 4) {  // four rows at a time: fewer loads and stores of the sums
-          const T *x0 = x + r * L.outer, *x1 = x0 + L.outer, *x2 = x1 + L.outer,
-                  *x3 = x2 + L.outer;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T sh = shift[c];
-            const T d0 = x0[c] - sh, d1 = x1[c] - sh, d2 = x2[c] - sh, d3 = x3[c] - sh;
-            s1[c] += (d0 + d1) + (d2 + d3);
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-          }
-        }
-        for (; r < i1; ++r) {
-          const T* xr = x + r * L.outer;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T d = xr[c] - shift[c];
-            s1[c] += d;
-            s2[c] += d * d;
-          }
-        }
-        const double n = double(i1 - i0);
+      for (int64_t c = 0; c < C; ++c) s1[c] += xr[c] - first[c];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      R[c] = double(first[c]) + double(s1[c]) / double(n0);
+      shift[c] = T(R[c]);
+      A[c] = B[c] = 0.0;
+    }
+    for (int64_t i0 = r0; i0 < r1; i0 += kChunkRows) {
+      const int64_t i1 = std::min(r1, i0 + kChunkRows);
+      std::fill(s1, s1 + 2 * C, T(0));
+      int64_t r = i0;
+      for (; r + 4 <= i1; r += 4) {  // four rows at a time: fewer loads and stores of the sums
+        const T *x0 = x + r * L.outer, *x1 = x0 + L.outer, *x2 = x1 + L.outer,
+                *x3 = x2 + L.outer;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const double sh = double(shift[c]), delta = sh - R[c];
-          A[c] += double(s1[c]) + n * delta;
-          B[c] += double(s2[c]) + delta * (2.0 * double(s1[c]) + n * delta);
-          shift[c] = T(sh + double(s1[c]) / n);
+          const T sh = shift[c];
+          const T d0 = x0[c] - sh, d1 = x1[c] - sh, d2 = x2[c] - sh, d3 = x3[c] - sh;
+          s1[c] += (d0 + d1) + (d2 + d3);
+          s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
       }
+      for (; r < i1; ++r) {
+        const T* xr = x + r * L.outer;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T d = xr[c] - shift[c];
+          s1[c] += d;
+          s2[c] += d * d;
+        }
+      }
+      const double n = double(i1 - i0);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double sh = double(shift[c]), delta = sh - R[c];
+        A[c] += double(s1[c]) + n * delta;
+        B[c] += double(s2[c]) + delta * (2.0 * double(s1[c]) + n * delta);
+        shift[c] = T(sh + double(s1[c]) / n);
+      }
     }
-  });
-  // blocks in order, re-based on block 0's origin
-  const double m = double(rows);
+  }
+}
+
+// The blocks' sums in block order, re-based on block 0's origin: mean and biased variance.
+void mc_moments_merge(const Layout& L, const RowBlocks& blocks, const double* part,
+                      double* mean, double* var) {
+  const int64_t C = L.C;
   for (int64_t c = 0; c < C; ++c) {
     Moments mo;
     mo.R = part[c];
     for (int64_t blk = 0; blk < blocks.count; ++blk) {
-      const double* p = part.data() + blk * 3 * C;
-      const int64_t r0 = blk * blocks.rows_per_block;
-      const double n = double(std::min(rows, r0 + blocks.rows_per_block) - r0);
-      // a block is a group with shift R_b whose sums are A_b and B_b
-      const double delta = p[c] - mo.R;
-      mo.A += p[C + c] + n * delta;
-      mo.B += p[2 * C + c] + delta * (2.0 * p[C + c] + n * delta);
+      const double* p = part + blk * 3 * C;
+      // a block is a group whose shift is its origin R_b, with sums A_b and B_b
+      mo.add(p[c], double(blocks.rows_in(blk, L.rows)), p[C + c], p[2 * C + c]);
     }
-    mo.finish(m, mean[c], var[c]);
+    mo.finish(double(L.rows), mean[c], var[c]);
   }
 }
 
-// sum(dy) and sum(dy (x - mu_t)) per channel of MC rows, in one read of x and dy.
+// Blocks [b0, b1) of MC rows: per block and channel, sum(dy) and sum(dy (x - mu_t)), into part
+// (2 C doubles per block); scratch holds 2 C values.
 template <typename T>
-void mc_gradient_sums(const Layout& L, const T* x, const T* dy, const T* mu_t, double* sdy,
-                      double* sdyxc) {
+void mc_gradient_blocks(const Layout& L, const T* x, const T* dy, const T* mu_t,
+                        const RowBlocks& blocks, int64_t b0, int64_t b1, double* part,
+                        T* scratch) {
   const int64_t C = L.C, rows = L.rows;
-  const RowBlocks blocks(rows);
-  std::vector<double> part(blocks.count * 2 * C, 0.0);
-  at::parallel_for(0, blocks.count, blocks.grain(C), [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(2 * C);
-    T *s1 = buf.data(), *s2 = s1 + C;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      double *P1 = part.data() + blk * 2 * C, *P2 = P1 + C;
-      const int64_t r0 = blk * blocks.rows_per_block;
-      const int64_t r1 = std::min(rows, r0 + blocks.rows_per_block);
-      for (int64_t i0 = r0; i0 < r1; i0 += kChunkRows) {
-        std::fill(buf.begin(), buf.end(), T(0));
-        const int64_t i1 = std::min(r1, i0 + kChunkRows);
-        int64_t r = i0;
-        for (; r + 4 <= i1; r += 4) {
-          const T *x0 = x + r * L.outer, *x1 = x0 + L.outer, *x2 = x1 + L.outer,
-                  *x3 = x2 + L.outer;
-          const T *g0 = dy + r * L.outer, *g1 = g0 + L.outer, *g2 = g1 + L.outer,
-                  *g3 = g2 + L.outer;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T mu = mu_t[c];
-            s1[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
-            s2[c] += (g0[c] * (x0[c] - mu) + g1[c] * (x1[c] - mu)) +
-                     (g2[c] * (x2[c] - mu) + g3[c] * (x3[c] - mu));
-          }
-        }
-        for (; r < i1; ++r) {
-          const T *xr = x + r * L.outer, *gr = dy + r * L.outer;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            s1[c] += gr[c];
-            s2[c] += gr[c] * (xr[c] - mu_t[c]);
-          }
-        }
+  T *s1 = scratch, *s2 = s1 + C;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    double *P1 = part + blk * 2 * C, *P2 = P1 + C;
+    std::fill(P1, P1 + 2 * C, 0.0);
+    const int64_t r0 = blk * blocks.rows_per_block;
+    const int64_t r1 = std::min(rows, r0 + blocks.rows_per_block);
+    for (int64_t i0 = r0; i0 < r1; i0 += kChunkRows) {
+      std::fill(s1, s1 + 2 * C, T(0));
+      const int64_t i1 = std::min(r1, i0 + kChunkRows);
+      int64_t r = i0;
+      for (; r + 4 <= i1; r += 4) {
+        const T *x0 = x + r * L.outer, *x1 = x0 + L.outer, *x2 = x1 + L.outer,
+                *x3 = x2 + L.outer;
+        const T *g0 = dy + r * L.outer, *g1 = g0 + L.outer, *g2 = g1 + L.outer,
+                *g3 = g2 + L.outer;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          P1[c] += double(s1[c]);
-          P2[c] += double(s2[c]);
+          const T mu = mu_t[c];
+          s1[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
+          s2[c] += (g0[c] * (x0[c] - mu) + g1[c] * (x1[c] - mu)) +
+                   (g2[c] * (x2[c] - mu) + g3[c] * (x3[c] - mu));
         }
       }
+      for (; r < i1; ++r) {
+        const T *xr = x + r * L.outer, *gr = dy + r * L.outer;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          s1[c] += gr[c];
+          s2[c] += gr[c] * (xr[c] - mu_t[c]);
+        }
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        P1[c] += double(s1[c]);
+        P2[c] += double(s2[c]);
+      }
     }
-  });
+  }
+}
+
+void mc_gradient_merge(const Layout& L, const RowBlocks& blocks, const double* part,
+                       double* sdy, double* sdyxc) {
+  const int64_t C = L.C;
   for (int64_t c = 0; c < C; ++c) {
     double t1 = 0.0, t2 = 0.0;
     for (int64_t blk = 0; blk < blocks.count; ++blk) {
@@ -482,6 +487,37 @@ void mc_gradient_sums(const Layout& L, const T* x, const T* dy, const T* mu_t, d
     }
     sdy[c] = t1;
     sdyxc[c] = t2;
+  }
+}
+
+// The number of threads two_phases uses for n blocks.
+int64_t phase_threads(int64_t n, int64_t grain) {
+  return at::in_parallel_region() ? 1
+                                  : std::min<int64_t>(at::get_num_threads(), ceil_div(n, grain));
+}
+
+// MC work in one parallel region of phase_threads(n, grain) threads: first(t, b0, b1) on each
+// thread t's blocks, then between() on one thread, then second(b0, b1) on the same blocks (each
+// thread rewrites the rows it has just reduced). One region instead of two: on a shared machine
+// every region waits for its slowest thread to get a core. Nothing in it may throw.
+template <typename F1, typename F0, typename F2>
+void two_phases(int64_t n, int64_t grain, F1&& first, F0&& between, F2&& second) {
+  const int64_t threads = phase_threads(n, grain);
+  if (threads <= 1) {
+    first(0, 0, n);
+    between();
+    second(0, n);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), chunk = ceil_div(n, omp_get_num_threads());
+    const int64_t b0 = std::min(n, t * chunk), b1 = std::min(n, b0 + chunk);
+    if (b0 < b1) first(t, b0, b1);
+#pragma omp barrier
+#pragma omp single
+    between();
+    if (b0 < b1) second(b0, b1);
   }
 }
 
@@ -555,44 +591,39 @@ inline void affine_run(const T* x, const T* dy, int64_t n, T mu, T gain, T slope
   }
 }
 
-// MC rows: the same with per-channel constants, in parallel over the row blocks of the
-// reductions (each thread rewrites the rows it has just reduced; it also first-touches its own
-// pages of the new output: threads faulting in the same pages serialize in the kernel).
+// MC rows [r0, r1): the same with per-channel constants.
 template <typename T>
-void mc_affine(const Layout& L, const T* x, const T* dy, const T* mu, const T* gain,
-               const T* slope, const T* offset, T* out, bool stream) {
-  const RowBlocks blocks(L.rows);
-  at::parallel_for(0, blocks.count, blocks.grain(L.C), [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * blocks.rows_per_block;
-    for (int64_t i = r0; i < std::min(L.rows, b1 * blocks.rows_per_block); ++i) {
-      const T* xr = x + i * L.outer;
-      T* outr = out + i * L.outer;
-      const T* dyr = dy ? dy + i * L.outer : nullptr;
-      if (stream && dy) {
-        stream_run(
-            outr, L.C,
-            [&](int64_t c) { return gain[c] * dyr[c] + slope[c] * (xr[c] - mu[c]) + offset[c]; },
-            [&](int64_t c) {
-              return load(gain + c) * load(dyr + c) +
-                     load(slope + c) * (load(xr + c) - load(mu + c)) + load(offset + c);
-            });
-      } else if (stream) {
-        stream_run(
-            outr, L.C, [&](int64_t c) { return (xr[c] - mu[c]) * slope[c] + offset[c]; },
-            [&](int64_t c) {
-              return (load(xr + c) - load(mu + c)) * load(slope + c) + load(offset + c);
-            });
-      } else if (dy) {
+void mc_affine_rows(const Layout& L, const T* x, const T* dy, const T* mu, const T* gain,
+                    const T* slope, const T* offset, T* out, bool stream, int64_t r0,
+                    int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* xr = x + i * L.outer;
+    T* outr = out + i * L.outer;
+    const T* dyr = dy ? dy + i * L.outer : nullptr;
+    if (stream && dy) {
+      stream_run(
+          outr, L.C,
+          [&](int64_t c) { return gain[c] * dyr[c] + slope[c] * (xr[c] - mu[c]) + offset[c]; },
+          [&](int64_t c) {
+            return load(gain + c) * load(dyr + c) +
+                   load(slope + c) * (load(xr + c) - load(mu + c)) + load(offset + c);
+          });
+    } else if (stream) {
+      stream_run(
+          outr, L.C, [&](int64_t c) { return (xr[c] - mu[c]) * slope[c] + offset[c]; },
+          [&](int64_t c) {
+            return (load(xr + c) - load(mu + c)) * load(slope + c) + load(offset + c);
+          });
+    } else if (dy) {
 #pragma omp simd
-        for (int64_t c = 0; c < L.C; ++c)
-          outr[c] = gain[c] * dyr[c] + slope[c] * (xr[c] - mu[c]) + offset[c];
-      } else {
+      for (int64_t c = 0; c < L.C; ++c)
+        outr[c] = gain[c] * dyr[c] + slope[c] * (xr[c] - mu[c]) + offset[c];
+    } else {
 #pragma omp simd
-        for (int64_t c = 0; c < L.C; ++c) outr[c] = (xr[c] - mu[c]) * slope[c] + offset[c];
-      }
+      for (int64_t c = 0; c < L.C; ++c) outr[c] = (xr[c] - mu[c]) * slope[c] + offset[c];
     }
-    if (stream) stream_fence();
-  });
+  }
+  if (stream) stream_fence();
 }
 
 // Channel c's output (NCS): its values were just reduced, so they come from the cache.
@@ -633,16 +664,31 @@ void forward_impl(const at::Tensor& xr, const T* w, const T* b, at::Tensor& y, d
   const Layout L = layout_of(xr);
   const T* x = xr.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  if (L.mc()) {
-    mc_moments<T>(L, x, mean, var);
+  if (L.mc()) {  // statistics of each thread's row blocks, merged, then y of the same rows
+    const RowBlocks blocks(L.rows);
+    const int64_t grain = blocks.grain(L.C);
+    std::vector<double> part(blocks.count * 3 * L.C);
     std::vector<T> mu_t(L.C), scale(L.C), shift(L.C);
-    for (int64_t c = 0; c < L.C; ++c) {
-      invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-      const ForwardConstants<T> k(mean[c], invstd[c], w, b, c);
-      mu_t[c] = k.mu_t, scale[c] = k.scale, shift[c] = k.shift;
-    }
-    mc_affine<T>(L, x, nullptr, mu_t.data(), nullptr, scale.data(), shift.data(), yp,
-                 streams(y));
+    std::vector<T> scratch(phase_threads(blocks.count, grain) * 3 * L.C);
+    const bool stream = streams(y);
+    two_phases(
+        blocks.count, grain,
+        [&](int64_t t, int64_t b0, int64_t b1) {
+          mc_moments_blocks<T>(L, x, blocks, b0, b1, part.data(), scratch.data() + t * 3 * L.C);
+        },
+        [&] {
+          mc_moments_merge(L, blocks, part.data(), mean, var);
+          for (int64_t c = 0; c < L.C; ++c) {
+            invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+            const ForwardConstants<T> k(mean[c], invstd[c], w, b, c);
+            mu_t[c] = k.mu_t, scale[c] = k.scale, shift[c] = k.shift;
+          }
+        },
+        [&](int64_t b0, int64_t b1) {
+          mc_affine_rows<T>(L, x, nullptr, mu_t.data(), nullptr, scale.data(), shift.data(), yp,
+                            stream, b0 * blocks.rows_per_block,
+                            std::min(L.rows, b1 * blocks.rows_per_block));
+        });
     return;
   }
   const Prefetch<T> pf(L);
@@ -686,19 +732,33 @@ void backward_impl(const at::Tensor& dyr, const at::Tensor& xr, const T* w, cons
   const double m = double(L.per_channel());
   const T* x = xr.data_ptr<T>();
   const T* dy = dyr.data_ptr<T>();
-  if (L.mc()) {
+  if (L.mc()) {  // the two sums of each thread's row blocks, merged, then dx of the same rows
+    const RowBlocks blocks(L.rows);
+    const int64_t grain = blocks.grain(L.C);
+    std::vector<double> part(blocks.count * 2 * L.C), sdy(L.C), sdyxc(L.C);
     std::vector<T> mu_t(L.C), gain(L.C), slope(L.C), offset(L.C);
-    std::vector<double> sdy(L.C), sdyxc(L.C);
+    std::vector<T> scratch(phase_threads(blocks.count, grain) * 2 * L.C);
     for (int64_t c = 0; c < L.C; ++c) mu_t[c] = T(mean[c]);
-    mc_gradient_sums<T>(L, x, dy, mu_t.data(), sdy.data(), sdyxc.data());
-    for (int64_t c = 0; c < L.C; ++c) {
-      const BackwardConstants<T> k(mean[c], mu_t[c], invstd[c], w, c, m, sdy[c], sdyxc[c],
-                                   dgamma, dbeta);
-      gain[c] = k.gain, slope[c] = k.slope, offset[c] = k.offset;
-    }
-    if (dx)
-      mc_affine<T>(L, x, dy, mu_t.data(), gain.data(), slope.data(), offset.data(), dx,
-                   stream);
+    two_phases(
+        blocks.count, grain,
+        [&](int64_t t, int64_t b0, int64_t b1) {
+          mc_gradient_blocks<T>(L, x, dy, mu_t.data(), blocks, b0, b1, part.data(),
+                                scratch.data() + t * 2 * L.C);
+        },
+        [&] {
+          mc_gradient_merge(L, blocks, part.data(), sdy.data(), sdyxc.data());
+          for (int64_t c = 0; c < L.C; ++c) {
+            const BackwardConstants<T> k(mean[c], mu_t[c], invstd[c], w, c, m, sdy[c],
+                                         sdyxc[c], dgamma, dbeta);
+            gain[c] = k.gain, slope[c] = k.slope, offset[c] = k.offset;
+          }
+        },
+        [&](int64_t b0, int64_t b1) {
+          if (dx)
+            mc_affine_rows<T>(L, x, dy, mu_t.data(), gain.data(), slope.data(), offset.data(),
+                              dx, stream, b0 * blocks.rows_per_block,
+                              std::min(L.rows, b1 * blocks.rows_per_block));
+        });
     return;
   }
   const Prefetch<T> pf(L);
