@@ -213,8 +213,8 @@ def main() -> int:
             t, i = measure(label, shape, channels_last, threads, args.rounds, args.min_run_time)
             train_rows.append(t)
             infer_rows.append(i)
-            print(table([t], "training", "")[-300:].splitlines()[-1], flush=True)
-            print(table([i], "eval", "")[-300:].splitlines()[-1], flush=True)
+            print("training", table([t], "", "").splitlines()[-1], flush=True)
+            print("eval    ", table([i], "", "").splitlines()[-1], flush=True)
     device = machine_description()
     text = (
         f"# CPU benchmark: ours vs torch eager vs Inductor, float32\n\n"
