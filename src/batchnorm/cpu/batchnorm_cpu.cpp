@@ -133,6 +133,15 @@ inline Vec<T> last_lanes(const T* end, int64_t rem, T shift) {
   return M::iota >= typename M::mask{} + typename M::lane_int(kWidth<T> - rem) ? v : Vec<T>{};
 }
 
+// The n < W values at p, less shift, in the first lanes (zeros after): through a local array,
+// as a piece this short is rare.
+template <typename T>
+inline Vec<T> few_lanes(const T* p, int64_t n, T shift) {
+  T tmp[kWidth<T>] = {};
+  for (int64_t l = 0; l < n; ++l) tmp[l] = p[l] - shift;
+  return load(tmp);
+}
+
 template <typename T>
 inline double lane_total(const Vec<T>& v) {
   double s = 0.0;
@@ -142,8 +151,9 @@ inline double lane_total(const Vec<T>& v) {
 
 // ---- NCS reductions over runs ----------------------------------------------------------------
 // Lane sums over contiguous pieces: four vector accumulators per sum (independent add chains);
-// a piece's last values (fewer than a vector) go in a fifth, masked (or lane by lane when the
-// piece is shorter than a vector). take() folds them in a fixed order into double and restarts.
+// a piece's last values (fewer than a vector) go in a fifth, masked. take() folds them in a
+// fixed order into double and restarts. (All in registers: a vector written lane by lane in
+// memory and read back whole stalls store forwarding.)
 constexpr int64_t kGroup = 512;  // NCS: values summed in T before their sums go to double
 constexpr int64_t kOriginValues = 64;  // NCS: a channel's origin is the mean of its first values
 
@@ -167,21 +177,14 @@ struct CenteredSums {  // sum(d), sum(d^2) with d = x - shift
       a1 += d, q1 += d * d;
     }
     if (j == n) return;
-    if (n >= W) {
-      const V d = last_lanes(x + n, n - j, shift);
-      ta += d, tq += d * d;
-    } else {
-      for (int l = 0; j < n; ++j, ++l) {
-        const T d = x[j] - shift;
-        ta[l] += d, tq[l] += d * d;
-      }
-    }
+    const V d = n >= W ? last_lanes(x + n, n - j, shift) : few_lanes(x, n, shift);
+    ta += d, tq += d * d;
   }
 
   void take(double& s1, double& s2) {
     s1 = lane_total<T>(((a0 + a1) + (a2 + a3)) + ta);
     s2 = lane_total<T>(((q0 + q1) + (q2 + q3)) + tq);
-    *this = CenteredSums();
+    a0 = a1 = a2 = a3 = q0 = q1 = q2 = q3 = ta = tq = V{};
   }
 };
 
@@ -210,14 +213,15 @@ struct GradientSums {  // sum(dy), sum(dy (x - mu))
       const V g = last_lanes(dy + n, n - j, T(0));
       ta += g, tq += g * (load(x + n - W) - s);
     } else {
-      for (int l = 0; j < n; ++j, ++l) ta[l] += dy[j], tq[l] += dy[j] * (x[j] - mu);
+      const V g = few_lanes(dy, n, T(0));
+      ta += g, tq += g * few_lanes(x, n, mu);
     }
   }
 
   void take(double& s1, double& s2) {
     s1 = lane_total<T>(((a0 + a1) + (a2 + a3)) + ta);
     s2 = lane_total<T>(((q0 + q1) + (q2 + q3)) + tq);
-    *this = GradientSums();
+    a0 = a1 = a2 = a3 = q0 = q1 = q2 = q3 = ta = tq = V{};
   }
 };
 
