@@ -17,7 +17,8 @@ is the calling thread's CPU time (all three implementations run there; a process
 core on a shared machine does not count), with more it is wall time.
 
 The hardware limit is the rate of ``dst.copy_(x)`` for a tensor of the same shape, timed in the
-same rounds (so the same caches are in play). A training step must move at least five tensors
+same rounds (so the same caches are in play; eval and training are timed in separate sets of
+rounds, each with its copy). A training step must move at least five tensors
 of that size (read x, write y; read x and dy, write dx), a copy moves two, so ``2.5 * copy time
 / our time`` is the fraction of that limit we reach, overheads included. Inference moves two,
 like the copy: ``copy time / our time``.
@@ -164,20 +165,23 @@ def measure(label, shape, channels_last, threads, rounds, min_run_time):
         for _ in range(3):
             fn()
     dst = torch.empty_like(x)
-    train_t = {name: [] for name in IMPLS}
-    infer_t = {name: [] for name in IMPLS}
-    copy_t = []
-    for _ in range(rounds):
-        for name in IMPLS:
-            train_t[name].append(timer(train_fns[name], min_run_time))
-        for name in IMPLS:
-            infer_t[name].append(timer(infer_fns[name], min_run_time))
-        copy_t.append(timer(lambda: dst.copy_(x), min_run_time))
+
+    def alternate(fns):  # rounds of the three and the copy, one after the other
+        times = {name: [] for name in (*IMPLS, "copy")}
+        for _ in range(rounds):
+            for name, fn in (*fns.items(), ("copy", lambda: dst.copy_(x))):
+                times[name].append(timer(fn, min_run_time))
+        return {name: times[name] for name in IMPLS}, times["copy"]
+
+    # eval first, then training, each with its own copy timings: measured apart, the eval
+    # rounds do not inherit the cache and heap state of training steps (four tensors) in between
+    infer_t, infer_copy = alternate(infer_fns)
+    train_t, train_copy = alternate(train_fns)
     name = f"{label} {tuple(shape)}"
     return (dict(shape=name, mbytes=x.nbytes / 2**20, threads=threads,
-                 **summarize(train_t, copy_t, x.nbytes, MIN_TENSORS_MOVED)),
+                 **summarize(train_t, train_copy, x.nbytes, MIN_TENSORS_MOVED)),
             dict(shape=name, mbytes=x.nbytes / 2**20, threads=threads,
-                 **summarize(infer_t, copy_t, x.nbytes, 2)))
+                 **summarize(infer_t, infer_copy, x.nbytes, 2)))
 
 
 def table(rows, title: str, limit_note: str) -> str:
