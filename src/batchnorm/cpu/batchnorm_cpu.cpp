@@ -5,27 +5,31 @@
 //   NCS: contiguous (N, C, S), S > 1: channel c is N runs of S contiguous values;
 //   MC:  (M, C) rows (2-D input, or channels-last viewed as rows of C channels).
 //
-// Passes over memory. NCS works channel by channel (threads take blocks of channels): a
-// channel's values are first reduced (statistics, or the backward's two sums, in one read),
-// then the same values, now in the core's L2 cache, give y or dx. Memory sees one read of x and
-// a write of y forward, one read of x and dy and a write of dx backward: the five tensor
-// transfers a step cannot do without. MC cannot keep a channel in cache (its values span the
-// whole tensor): one reading pass for the reductions, one for the output, per direction; the
-// threads take blocks of rows. Eval is one pass, y = scale * x + shift, in either layout.
+// Passes over memory. NCS works channel by channel (threads take blocks of channels, in one
+// parallel region per direction): a channel's values are first reduced (statistics, or the
+// backward's two sums, in one read), then the same values, now in the core's L2 cache, give y or
+// dx. Memory sees one read of x and a write of y forward, one read of x and dy and a write of dx
+// backward: the five tensor transfers a step cannot do without. MC cannot keep a channel in
+// cache (its values span the whole tensor): one reading pass for the reductions, one for the
+// output, per direction; threads take blocks of rows, both passes and the merge in between in
+// one parallel region. Eval is one pass, y = x * scale + shift, in either layout. Training
+// outputs of 16 MB or more are written with streaming stores (see kStreamBytes).
 //
 // Sums are accumulated in double in an order fixed by the shape alone, so results are
-// deterministic and do not depend on the number of threads.
+// deterministic and do not depend on the number of threads (nor on the build: the AVX2 and the
+// baseline build give the same bits).
 //
 // Forward statistics, per channel over its m values (paper, Algorithm 1), in one read: values
 // are summed in T over groups of a few hundred, as d = x - shift with the shift the previous
 // group's mean, then added to double sums re-based on the channel's origin R (the mean of its
-// first values):
+// first values; MC: each row block's own, the blocks' sums re-based in turn on the first's):
 //   A = sum(x - R) = sum_groups [sum(d) + n delta],
 //   B = sum((x - R)^2) = sum_groups [sum(d^2) + delta (2 sum(d) + n delta)], delta = shift - R,
 //   mu = R + A / m,  var = B / m - (A / m)^2.
-// Each group's float sums are of values centred near the group's own mean, so they are
-// accurate whatever the data's offset (the large-offset test), and the double re-basing loses
-// nothing a float32 or float64 result would show; never E[x^2] - mu^2 in the data's precision.
+// Each group's float sums are of values centred near the group's own mean (the first group is
+// centred on the origin), so they are accurate whatever the data's offset (the large-offset
+// test) or order (an outlying first value, sorted data: tested); the re-basing is exact but for
+// double rounding. Never E[x^2] - mu^2 in the data's precision.
 //   y  = scale * (x - mu) + beta,  scale = gamma / sqrt(var + eps)
 //   running statistics updated in place from mu and the unbiased m/(m-1) var
 // Backward, with xc = x - mu:
@@ -234,8 +238,8 @@ struct GradientSums {  // sum(dy), sum(dy (x - mu))
 // measured no faster.)
 constexpr int64_t kPrefetchBytes = 1024;  // per run: longer runs are streamed by the hardware
 
-// One line, as volatile asm on x86: GCC dropped loops of __builtin_prefetch from these kernels
-// (they have no effect it must keep).
+// One line, as volatile asm on x86: GCC dropped every __builtin_prefetch from a version of these
+// loops (they have no effect it must keep), silently.
 inline void prefetch_line(const char* p) {
 #if defined(__x86_64__) || defined(__i386__)
   asm volatile("prefetcht0 %0" : : "m"(*p));
@@ -532,10 +536,10 @@ void two_phases(int64_t n, int64_t grain, F1&& first, F0&& between, F2&& second)
 // keeps four tensors of that size live (x, y, dy, dx), and from kStreamBytes each on, they
 // outgrow the last-level cache share of a core, so the output's lines would be evicted before
 // anything reads them; a streaming store skips reading each line in first (a third of the
-// pass's memory traffic). Measured on the benchmark's machine, 1 thread, training step: 25 MB
-// tensors 30-40% faster, 6 MB tensors (whose step fits the cache) 1.7x slower, hence the
-// threshold. Eval writes one output that the next layer reads at once: never streamed. The
-// values are the same bits either way.
+// pass's memory traffic). Measured on the benchmark's machine, 1 thread, training step, over
+// several runs: 25 MB tensors 15-40% faster, 6 MB tensors (whose step fits the cache) 1.3-1.7x
+// slower, hence the threshold. Eval writes one output that the next layer reads at once: never
+// streamed. The values are the same bits either way.
 constexpr int64_t kStreamBytes = 16 << 20;
 
 #if defined(__AVX__)
