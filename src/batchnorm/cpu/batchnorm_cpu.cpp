@@ -11,9 +11,10 @@
 // dx. Memory sees one read of x and a write of y forward, one read of x and dy and a write of dx
 // backward: the five tensor transfers a step cannot do without. MC cannot keep a channel in
 // cache (its values span the whole tensor): one reading pass for the reductions, one for the
-// output, per direction; threads take blocks of rows, both passes and the merge in between in
-// one parallel region. Eval is one pass, y = x * scale + shift, in either layout. Training
-// outputs of 16 MB or more are written with streaming stores (see kStreamBytes).
+// output, per direction; threads take blocks of rows, both passes and the merge in between
+// (threads take channels) in one parallel region. Eval is one pass, y = x * scale + shift, in
+// either layout. Training outputs of 16 MB or more are written with streaming stores (see
+// kStreamBytes).
 //
 // Sums are accumulated in double in an order fixed by the shape alone, so results are
 // deterministic and do not depend on the number of threads (nor on the build: the AVX2 and the
@@ -421,11 +422,12 @@ void mc_moments_blocks(const Layout& L, const T* x, const RowBlocks& blocks, int
   }
 }
 
-// The blocks' sums in block order, re-based on block 0's origin: mean and biased variance.
-void mc_moments_merge(const Layout& L, const RowBlocks& blocks, const double* part,
-                      double* mean, double* var) {
+// The blocks' sums in block order, re-based on block 0's origin: mean and biased variance of
+// channels [c0, c1).
+void mc_moments_merge(const Layout& L, const RowBlocks& blocks, const double* part, int64_t c0,
+                      int64_t c1, double* mean, double* var) {
   const int64_t C = L.C;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     Moments mo;
     mo.R = part[c];
     for (int64_t blk = 0; blk < blocks.count; ++blk) {
@@ -484,10 +486,10 @@ void mc_gradient_blocks(const Layout& L, const T* x, const T* dy, const T* mu_t,
   }
 }
 
-void mc_gradient_merge(const Layout& L, const RowBlocks& blocks, const double* part,
-                       double* sdy, double* sdyxc) {
+void mc_gradient_merge(const Layout& L, const RowBlocks& blocks, const double* part, int64_t c0,
+                       int64_t c1, double* sdy, double* sdyxc) {
   const int64_t C = L.C;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     double t1 = 0.0, t2 = 0.0;
     for (int64_t blk = 0; blk < blocks.count; ++blk) {
       t1 += part[blk * 2 * C + c];
@@ -498,6 +500,20 @@ void mc_gradient_merge(const Layout& L, const RowBlocks& blocks, const double* p
   }
 }
 
+// Per-thread scratch of `values` values each, a cache line apart at least: the threads update
+// theirs every row, and two threads writing the same line would pass it to and fro.
+template <typename T>
+struct Scratch {
+  int64_t stride;
+  std::vector<T> data;
+  Scratch(int64_t threads, int64_t values)
+      : stride((values + 63) / 64 * 64 + 64 / int64_t(sizeof(T))), data(threads * stride + 64) {}
+  T* of(int64_t t) {  // line-aligned
+    const auto base = reinterpret_cast<uintptr_t>(data.data());
+    return data.data() + ((64 - base % 64) % 64) / sizeof(T) + t * stride;
+  }
+};
+
 // The number of threads two_phases uses for n blocks.
 int64_t phase_threads(int64_t n, int64_t grain) {
   return at::in_parallel_region() ? 1
@@ -505,26 +521,29 @@ int64_t phase_threads(int64_t n, int64_t grain) {
 }
 
 // MC work in one parallel region of phase_threads(n, grain) threads: first(t, b0, b1) on each
-// thread t's blocks, then between() on one thread, then second(b0, b1) on the same blocks (each
-// thread rewrites the rows it has just reduced). One region instead of two: on a shared machine
-// every region waits for its slowest thread to get a core. Nothing in it may throw.
+// thread t's blocks, then between(c0, c1) on each thread's share of the C channels, then
+// second(b0, b1) on the thread's blocks again (it rewrites the rows it has just reduced). One
+// region instead of two: on a shared machine every region waits for its slowest thread to get
+// a core. Nothing in it may throw.
 template <typename F1, typename F0, typename F2>
-void two_phases(int64_t n, int64_t grain, F1&& first, F0&& between, F2&& second) {
+void two_phases(int64_t n, int64_t grain, int64_t C, F1&& first, F0&& between, F2&& second) {
   const int64_t threads = phase_threads(n, grain);
   if (threads <= 1) {
     first(0, 0, n);
-    between();
+    between(0, C);
     second(0, n);
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t t = omp_get_thread_num(), chunk = ceil_div(n, omp_get_num_threads());
-    const int64_t b0 = std::min(n, t * chunk), b1 = std::min(n, b0 + chunk);
+    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t chunk = ceil_div(n, team), b0 = std::min(n, t * chunk);
+    const int64_t b1 = std::min(n, b0 + chunk);
     if (b0 < b1) first(t, b0, b1);
 #pragma omp barrier
-#pragma omp single
-    between();
+    const int64_t c_chunk = ceil_div(C, team), c0 = std::min(C, t * c_chunk);
+    if (c0 < std::min(C, c0 + c_chunk)) between(c0, std::min(C, c0 + c_chunk));
+#pragma omp barrier
     if (b0 < b1) second(b0, b1);
   }
 }
@@ -677,16 +696,16 @@ void forward_impl(const at::Tensor& xr, const T* w, const T* b, at::Tensor& y, d
     const int64_t grain = blocks.grain(L.C);
     std::vector<double> part(blocks.count * 3 * L.C);
     std::vector<T> mu_t(L.C), scale(L.C), shift(L.C);
-    std::vector<T> scratch(phase_threads(blocks.count, grain) * 3 * L.C);
+    Scratch<T> scratch(phase_threads(blocks.count, grain), 3 * L.C);
     const bool stream = streams(y);
     two_phases(
-        blocks.count, grain,
+        blocks.count, grain, L.C,
         [&](int64_t t, int64_t b0, int64_t b1) {
-          mc_moments_blocks<T>(L, x, blocks, b0, b1, part.data(), scratch.data() + t * 3 * L.C);
+          mc_moments_blocks<T>(L, x, blocks, b0, b1, part.data(), scratch.of(t));
         },
-        [&] {
-          mc_moments_merge(L, blocks, part.data(), mean, var);
-          for (int64_t c = 0; c < L.C; ++c) {
+        [&](int64_t c0, int64_t c1) {
+          mc_moments_merge(L, blocks, part.data(), c0, c1, mean, var);
+          for (int64_t c = c0; c < c1; ++c) {
             invstd[c] = 1.0 / std::sqrt(var[c] + eps);
             const ForwardConstants<T> k(mean[c], invstd[c], w, b, c);
             mu_t[c] = k.mu_t, scale[c] = k.scale, shift[c] = k.shift;
@@ -745,17 +764,17 @@ void backward_impl(const at::Tensor& dyr, const at::Tensor& xr, const T* w, cons
     const int64_t grain = blocks.grain(L.C);
     std::vector<double> part(blocks.count * 2 * L.C), sdy(L.C), sdyxc(L.C);
     std::vector<T> mu_t(L.C), gain(L.C), slope(L.C), offset(L.C);
-    std::vector<T> scratch(phase_threads(blocks.count, grain) * 2 * L.C);
+    Scratch<T> scratch(phase_threads(blocks.count, grain), 2 * L.C);
     for (int64_t c = 0; c < L.C; ++c) mu_t[c] = T(mean[c]);
     two_phases(
-        blocks.count, grain,
+        blocks.count, grain, L.C,
         [&](int64_t t, int64_t b0, int64_t b1) {
           mc_gradient_blocks<T>(L, x, dy, mu_t.data(), blocks, b0, b1, part.data(),
-                                scratch.data() + t * 2 * L.C);
+                                scratch.of(t));
         },
-        [&] {
-          mc_gradient_merge(L, blocks, part.data(), sdy.data(), sdyxc.data());
-          for (int64_t c = 0; c < L.C; ++c) {
+        [&](int64_t c0, int64_t c1) {
+          mc_gradient_merge(L, blocks, part.data(), c0, c1, sdy.data(), sdyxc.data());
+          for (int64_t c = c0; c < c1; ++c) {
             const BackwardConstants<T> k(mean[c], mu_t[c], invstd[c], w, c, m, sdy[c],
                                          sdyxc[c], dgamma, dbeta);
             gain[c] = k.gain, slope[c] = k.slope, offset[c] = k.offset;
