@@ -23,19 +23,12 @@ of that size (read x, write y; read x and dy, write dx), a copy moves two, so ``
 / our time`` is the fraction of that limit we reach, overheads included. Inference moves two,
 like the copy: ``copy time / our time``.
 
-Memory comes from glibc's malloc, set (``mallopt``, unless ``--malloc default``) to keep freed
-blocks for reuse: by default it hands blocks of tens of MB back to the kernel and page-faults
-them in again on a later allocation, at times that depend on the allocation history of all
-three implementations (measured: up to a few calls in a hundred, 6,000 page faults each, for
-any of them), noise that a caching allocator (jemalloc, tcmalloc) would not have.
-
 Results go to benchmarks/results/cpu-<processor>.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -95,18 +88,6 @@ def machine_description() -> str:
     if caches:
         parts.append("caches per core/shared: " + ", ".join(caches))
     return "; ".join(parts)
-
-
-def keep_freed_memory() -> bool:
-    """glibc: no block returned to the kernel on free (M_TRIM_THRESHOLD), blocks up to 32 MiB
-    from the reusable heap rather than fresh mappings (M_MMAP_THRESHOLD, its maximum)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)
-                    and libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def torch_class(shape):
@@ -225,14 +206,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--shapes", type=str, default="",
                         help="only shapes whose label contains this text")
-    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                        help="keep: glibc keeps freed blocks for reuse (see the docstring)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    malloc = "glibc default"
-    if args.malloc == "keep":
-        malloc = ("glibc, freed blocks kept (M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB)"
-                  if keep_freed_memory() else "default (mallopt unavailable)")
     train_rows, infer_rows = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -249,12 +224,11 @@ def main() -> int:
         f"# CPU benchmark: ours vs torch eager vs Inductor, float32\n\n"
         f"Device: {device}; torch {torch.__version__}. Command: `python benchmarks/cpu.py "
         f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds} --min-run-time "
-        f"{args.min_run_time} --malloc {args.malloc}`. {args.rounds} alternating rounds of "
-        f"`torch.utils.benchmark` "
+        f"{args.min_run_time}`. {args.rounds} alternating rounds of `torch.utils.benchmark` "
         f"medians (1 thread: CPU time of the calling thread; 2 threads: wall time); times "
         f"are medians over rounds, ratios the median of per-round ratios [min, max]. "
         f"Inductor: `torch.compile` of torch.nn's module. Hardware limit: the same-size "
-        f"`copy_` rate, timed in the same rounds. Allocator: {malloc}.\n\n"
+        f"`copy_` rate, timed in the same rounds.\n\n"
         + table(train_rows, "Training forward + backward",
                 f"Targets: ours <= min(eager, Inductor); of copy-rate limit (2.5 x copy time / "
                 f"ours: a step moves at least {MIN_TENSORS_MOVED} tensors) >= 50% from "
@@ -269,8 +243,7 @@ def main() -> int:
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(device=device, torch=torch.__version__, rounds=args.rounds,
-             min_run_time=args.min_run_time, malloc=malloc, training=train_rows,
-             eval=infer_rows), indent=2))
+             min_run_time=args.min_run_time, training=train_rows, eval=infer_rows), indent=2))
     print(f"wrote {args.out / stem}.md and .json")
     return 0
 

@@ -951,7 +951,7 @@ at::Tensor infer(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     using T = scalar_t;
     const T *wp = ptr_or_null<T>(w), *bp = ptr_or_null<T>(b);
     const T *mp = rm.data_ptr<T>(), *vp = rv.data_ptr<T>();
-    c10::SmallVector<T, 512> scale(C), shift(C);  // on the stack for up to 512 channels
+    std::vector<T> scale(C), shift(C);
     for (int64_t c = 0; c < C; ++c) {
       const T invstd = T(1) / std::sqrt(vp[c] + T(eps));
       scale[c] = wp ? wp[c] * invstd : invstd;
