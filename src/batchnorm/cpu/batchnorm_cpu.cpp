@@ -340,7 +340,7 @@ void ncs_channel_moments(const Layout& L, const T* x, int64_t c, int64_t c_end,
 // the shape; threads take blocks; each block keeps per-channel double sums, added in block
 // order at the end. Within a chunk, each channel has its own partial sum in T (the channel index
 // is the vector dimension), read in memory order so that the hardware prefetcher streams.
-constexpr int64_t kChunkRows = 64;
+constexpr int64_t kChunkRows = 128;
 constexpr int64_t kMaxRowBlocks = 64;
 constexpr int64_t kOriginRows = 8;  // a block's origin is the mean of its first rows
 
