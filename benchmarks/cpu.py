@@ -93,6 +93,13 @@ def machine_description() -> str:
     return "; ".join(parts)
 
 
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "unknown"
+
+
 def torch_class(shape):
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
 
@@ -217,6 +224,7 @@ def main() -> int:
                         help="only shapes whose label contains this text")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    load_before = load_average()
     train_rows, infer_rows = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -229,6 +237,7 @@ def main() -> int:
             print("training", table([t], "", "").splitlines()[-1], flush=True)
             print("eval    ", table([i], "", "").splitlines()[-1], flush=True)
     device = machine_description()
+    load = f"load average (1 min) {load_before} before, {load_average()} after"
     text = (
         f"# CPU benchmark: ours vs torch eager vs Inductor, float32\n\n"
         f"Device: {device}; torch {torch.__version__}. Command: `python benchmarks/cpu.py "
@@ -237,7 +246,7 @@ def main() -> int:
         f"medians (1 thread: CPU time of the calling thread; 2 threads: wall time); times "
         f"are medians over rounds, ratios the median of per-round ratios [min, max]. "
         f"Inductor: `torch.compile` of torch.nn's module. Hardware limit: the same-size "
-        f"`copy_` rate, timed in the same rounds.\n\n"
+        f"`copy_` rate, timed in the same rounds. Machine shared with other jobs: {load}.\n\n"
         + table(train_rows, "Training forward + backward",
                 f"Targets: ours <= min(eager, Inductor); of copy-rate limit (2.5 x copy time / "
                 f"ours: a step moves at least {MIN_TENSORS_MOVED} tensors) >= 50% from "
@@ -255,7 +264,8 @@ def main() -> int:
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(device=device, torch=torch.__version__, rounds=args.rounds,
-             min_run_time=args.min_run_time, training=train_rows, eval=infer_rows), indent=2))
+             min_run_time=args.min_run_time, load=load, training=train_rows, eval=infer_rows),
+        indent=2))
     print(f"wrote {args.out / stem}.md and .json")
     return 0
 
