@@ -1,15 +1,17 @@
-"""Fused CPU kernels for the ``"torch"`` backend's training-mode BN (float32 and float64).
+"""Fused CPU kernels for the ``"torch"`` backend's BN (float32 and float64).
 
 Composed of ATen operations, training BN costs about a dozen passes over the tensor plus a
-dozen per-channel operations; ``batchnorm_cpu.cpp`` does the same math (two-pass statistics in
-double, the closed-form backward) in three passes forward and two or three backward, inside a
-C++ autograd Function (a Python one costs more than the kernels on small layers). Double
-backward recomputes the statistics inside the graph with ATen operations, as the Python
+dozen per-channel operations; ``batchnorm_cpu.cpp`` does the same math (statistics and the
+backward's sums in double, the closed-form backward) reading the tensors once per direction
+where the layout allows (contiguous inputs: a channel is reduced, then rewritten from the
+cache) and twice otherwise (channels-last), inside a C++ autograd Function (a Python one costs
+more than the kernels on small layers). Eval mode is one pass, ``y = x * scale + shift``.
+Double backward recomputes the statistics inside the graph with ATen operations, as the Python
 Function does. It is compiled with the system's C++ compiler on first use
 (``torch.utils.cpp_extension``, cached under ``~/.cache/torch_extensions``, about a minute
 once).
 
-When it cannot be used, :mod:`batchnorm.autograd` computes the same formulas with ATen
+When it cannot be used, :mod:`batchnorm.backends.torch_backend` computes the same formulas with ATen
 operations: other dtypes or devices, no compiler (a warning says so once), or
 ``BATCHNORM_CPU_KERNELS=0`` in the environment.
 """
@@ -88,7 +90,16 @@ def train(x: torch.Tensor, weight, bias, running_mean, running_var, momentum: fl
           eps: float):
     """Training-mode BN of ``x`` through the kernels and their C++ autograd Function (the
     running statistics are updated in place when given), or ``None`` when the kernels cannot
-    take ``x``: then the caller uses :class:`batchnorm.autograd.BatchNormFunction`."""
+    take ``x``: then the caller uses :class:`batchnorm.backends.function.BatchNormFunction`."""
     if x.dtype not in _DTYPES or not x.is_cpu or (module := extension()) is None:
         return None
     return module.train(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+def infer(x: torch.Tensor, weight, bias, running_mean, running_var, eps: float):
+    """Eval-mode BN of ``x`` in one pass, ``x * scale + shift`` with the ATen path's rounding
+    (differentiable in ``x``, ``weight`` and ``bias``), or ``None`` when the kernels cannot take
+    the call: then the caller uses ATen operations."""
+    if x.dtype not in _DTYPES or not x.is_cpu or (module := extension()) is None:
+        return None
+    return module.infer(x, weight, bias, running_mean, running_var, eps)
