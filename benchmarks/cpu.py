@@ -1,6 +1,7 @@
 """CPU benchmark: our BN (backend="torch") against torch.nn.BatchNorm*d, eager and compiled.
 
     python benchmarks/cpu.py [--threads 1 2] [--min-run-time SECONDS] [--rounds R]
+                             [--shapes TEXT] [--no-variants]
 
 For every shape and thread count, three implementations are timed in one process:
 ours (``batchnorm.convert`` of torch.nn's module), torch eager (``torch.nn.BatchNorm*d``) and
@@ -9,6 +10,15 @@ generated code built for that thread count). Two tables, float32:
 
 * training: forward + backward (input and parameter gradients, running statistics updated);
 * eval (inference): forward under ``torch.no_grad()``.
+
+A third table (skipped with ``--no-variants``) times the BN family's training forward + backward
+against our plain BN on the same shapes and thread counts, in its own set of alternating
+rounds: Batch Renormalization (r_max = 3, d_max = 5 fixed, so r and d clip), Ghost BN with 4
+virtual batches (``ghost_batch_size = N // 4``), frozen BN (in training mode: the fixed affine
+map, gradient to the input only) and in-place ABN (leaky ReLU, slope 0.01), the last also
+against the block it replaces, BN + leaky ReLU (our fused ``activation="leaky_relu"``). Target:
+within 1.2x of our plain BN. Reported: medians over rounds, the median [min, max] of the
+per-round ratio, and the ratio of the fastest rounds (other jobs only ever add time).
 
 Shared machines drift, so the implementations are timed in alternation for ``--rounds``
 rounds; a table reports each one's median over rounds, and the median of the per-round ratios
@@ -45,6 +55,7 @@ import torch.utils.benchmark as bench
 from torch import nn
 
 import batchnorm
+import batchnorm.variants as variants
 
 # (label, shape, channels_last)
 SHAPES = [
@@ -59,6 +70,9 @@ SHAPES = [
     ("conv large, channels_last", (16, 128, 56, 56), True),
 ]
 IMPLS = ("eager", "inductor", "ours")
+#: (variant, baseline) pairs of the BN-family table
+COMPARISONS = [("renorm", "BN"), ("ghost", "BN"), ("frozen", "BN"), ("inplace_abn", "BN"),
+               ("inplace_abn", "BN+leaky")]
 RESULTS = Path(__file__).parent / "results"
 MIN_TENSORS_MOVED = 5  # training: forward reads x, writes y; backward reads x and dy, writes dx
 LARGE_BYTES = 4 * 2**20  # the copy-rate target applies from this tensor size on
@@ -102,6 +116,24 @@ def load_average() -> str:
 
 def torch_class(shape):
     return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
+
+
+def family(shape) -> dict[str, nn.Module]:
+    """Our plain BN, BN + leaky ReLU and the BN family's variants, for an input of ``shape``."""
+    c, n = shape[1], shape[0]
+    rank = {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
+
+    def cls(prefix: str, where=variants):
+        return getattr(where, f"{prefix}{rank}d")
+
+    return {
+        "BN": cls("BatchNorm", batchnorm)(c),
+        "BN+leaky": cls("BatchNorm", batchnorm)(c, activation="leaky_relu"),
+        "renorm": cls("BatchRenorm")(c, r_max=3.0, d_max=5.0),
+        "ghost": cls("GhostBatchNorm")(c, ghost_batch_size=max(1, n // 4)),
+        "frozen": variants.FrozenBatchNorm.from_batchnorm(cls("BatchNorm", batchnorm)(c)),
+        "inplace_abn": cls("InPlaceABN")(c),
+    }
 
 
 def timer(fn, min_run_time: float) -> float:
@@ -148,6 +180,41 @@ def summarize(times: dict[str, list[float]], copy: list[float], nbytes: int, tra
     return row
 
 
+def compare(times: dict[str, list[float]], name: str, base: str) -> dict:
+    """A BN-family row: medians, per-round ratios name / base, ratio of the fastest rounds."""
+    ratios = sorted(t / b for t, b in zip(times[name], times[base], strict=True))
+    return dict(variant=name, baseline=base, baseline_ms=statistics.median(times[base]) * 1e3,
+                variant_ms=statistics.median(times[name]) * 1e3,
+                ratio=statistics.median(ratios), ratio_range=[ratios[0], ratios[-1]],
+                ratio_of_best=min(times[name]) / min(times[base]))
+
+
+def alternate(fns, rounds: int, min_run_time: float) -> dict[str, list[float]]:
+    """Rounds of every function, one after the other: per function, its time in each round."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer(fn, min_run_time))
+    return times
+
+
+def measure_family(label, shape, channels_last, threads, rounds, min_run_time) -> list[dict]:
+    """The BN-family rows of one shape and thread count (training forward + backward)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    fns = {name: train_step(m.train(), x, dy) for name, m in family(shape).items()}
+    for fn in fns.values():  # warm up (and build the variants' CPU kernels once)
+        for _ in range(3):
+            fn()
+    times = alternate(fns, rounds, min_run_time)
+    return [dict(shape=f"{label} {tuple(shape)}", threads=threads, **compare(times, name, base))
+            for name, base in COMPARISONS]
+
+
 def measure(label, shape, channels_last, threads, rounds, min_run_time):
     import torch._dynamo
     import torch._inductor.config
@@ -175,18 +242,11 @@ def measure(label, shape, channels_last, threads, rounds, min_run_time):
         for _ in range(3):
             fn()
     dst = torch.empty_like(x)
-
-    def alternate(fns):  # rounds of the three and the references, one after the other
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(timer(fn, min_run_time))
-        return times
-
     # eval first, then training, each with its own copy timings: measured apart, the eval
     # rounds do not inherit the cache and heap state of training steps (four tensors) in between
-    infer_t = alternate({**infer_fns, "copy": lambda: dst.copy_(x), "clone": x.clone})
-    train_t = alternate({**train_fns, "copy": lambda: dst.copy_(x)})
+    infer_t = alternate({**infer_fns, "copy": lambda: dst.copy_(x), "clone": x.clone}, rounds,
+                        min_run_time)
+    train_t = alternate({**train_fns, "copy": lambda: dst.copy_(x)}, rounds, min_run_time)
     name = f"{label} {tuple(shape)}"
     infer_row = summarize({k: infer_t[k] for k in IMPLS}, infer_t["copy"], x.nbytes, 2)
     infer_row["clone_ms"] = statistics.median(infer_t["clone"]) * 1e3
@@ -215,6 +275,25 @@ def table(rows, title: str, limit_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def family_table(rows) -> str:
+    lines = ["### BN family: training forward + backward against our plain BN\n",
+             "Target: variant / BN <= 1.2 (in-place ABN may pay its recomputation). Ghost BN: 4 "
+             "virtual batches (N/4); renorm: r_max = 3, d_max = 5; in-place ABN: leaky ReLU "
+             "(0.01), also against BN + leaky ReLU (fused). *ratio*: median [min, max] of the "
+             "per-round ratio; *ratio of best*: of the fastest rounds (other jobs only add "
+             "time).\n",
+             "| shape | threads | variant / baseline | baseline (ms) | variant (ms) | ratio "
+             "[min, max] | ratio of best |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lo, hi = r["ratio_range"]
+        lines.append(
+            f"| {r['shape']} | {r['threads']} | {r['variant']} / {r['baseline']} | "
+            f"{r['baseline_ms']:.3f} | {r['variant_ms']:.3f} | {r['ratio']:.2f} [{lo:.2f}, "
+            f"{hi:.2f}] | {r['ratio_of_best']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -222,10 +301,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--shapes", type=str, default="",
                         help="only shapes whose label contains this text")
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                        help="the BN family's table (--no-variants skips it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     load_before = load_average()
-    train_rows, infer_rows = [], []
+    train_rows, infer_rows, family_rows = [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for label, shape, channels_last in SHAPES:
@@ -236,13 +317,21 @@ def main() -> int:
             infer_rows.append(i)
             print("training", table([t], "", "").splitlines()[-1], flush=True)
             print("eval    ", table([i], "", "").splitlines()[-1], flush=True)
+            if args.variants:
+                family_rows += measure_family(label, shape, channels_last, threads,
+                                              args.rounds, args.min_run_time)
+                for line in family_table(family_rows).splitlines()[-len(COMPARISONS):]:
+                    print("BN family", line, flush=True)
     device = machine_description()
+    options = (f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds} "
+               f"--min-run-time {args.min_run_time}"
+               + ("" if args.variants else " --no-variants")
+               + (f" --shapes {args.shapes!r}" if args.shapes else ""))
     load = f"load average (1 min) {load_before} before, {load_average()} after"
     text = (
         f"# CPU benchmark: ours vs torch eager vs Inductor, float32\n\n"
         f"Device: {device}; torch {torch.__version__}. Command: `python benchmarks/cpu.py "
-        f"--threads {' '.join(map(str, args.threads))} --rounds {args.rounds} --min-run-time "
-        f"{args.min_run_time}`. {args.rounds} alternating rounds of `torch.utils.benchmark` "
+        f"{options}`. {args.rounds} alternating rounds of `torch.utils.benchmark` "
         f"medians (1 thread: CPU time of the calling thread; 2 threads: wall time); times "
         f"are medians over rounds, ratios the median of per-round ratios [min, max]. "
         f"Inductor: `torch.compile` of torch.nn's module. Hardware limit: the same-size "
@@ -257,6 +346,7 @@ def main() -> int:
                 "copies for reference: `dst.copy_(x)` into a buffer kept from call to call "
                 "(the copy-rate limit) and `x.clone()`, which allocates its output as an eval "
                 "forward must.")
+        + ("\n" + family_table(family_rows) if args.variants else "")
     )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +354,8 @@ def main() -> int:
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps(
         dict(device=device, torch=torch.__version__, rounds=args.rounds,
-             min_run_time=args.min_run_time, load=load, training=train_rows, eval=infer_rows),
+             min_run_time=args.min_run_time, load=load, training=train_rows, eval=infer_rows,
+             **({"variants": family_rows} if args.variants else {})),
         indent=2))
     print(f"wrote {args.out / stem}.md and .json")
     return 0
