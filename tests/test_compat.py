@@ -194,6 +194,31 @@ def test_forward_mode_ad_matches_torch(path):
     assert rel_err(primal, expected[0]) < TOL and rel_err(tangent, expected[1]) < TOL
 
 
+def test_eval_mode_under_transforms_matches_torch(path):
+    """Eval mode (the fused path's one-pass kernel in plain eager mode) under forward-mode AD,
+    vmap, grad and batched gradients: the ATen form, and torch's results."""
+    ours, theirs = _models()
+    for model in (ours, theirs):
+        _step(model.train(), _x(seed=5))  # running statistics that are not the defaults
+        model.eval()
+    _assert_same_state(ours, theirs)
+    x, xs = _x(), torch.stack([_x(seed=seed) for seed in range(3)])
+    primal, tangent = torch.func.jvp(ours, (x,), (x.sin(),))
+    expected = torch.func.jvp(theirs, (x,), (x.sin(),))
+    assert rel_err(primal, expected[0]) < TOL and rel_err(tangent, expected[1]) < TOL
+    assert rel_err(torch.func.vmap(ours)(xs), torch.func.vmap(theirs)(xs)) < TOL
+    grads = [torch.func.grad(lambda x, m=m: m(x).sin().sum())(x) for m in (ours, theirs)]
+    assert rel_err(*grads) < TOL
+    dys = torch.randn(4, *ours(x).shape, generator=torch.Generator().manual_seed(6),
+                      dtype=x.dtype)
+    batched = []
+    for model in (ours, theirs):
+        xg = x.clone().requires_grad_()
+        batched.append(torch.autograd.grad(model(xg), xg, dys, is_grads_batched=True)[0])
+    assert rel_err(*batched) < TOL
+    _assert_same_state(ours, theirs)
+
+
 # ------------------------------------------------------------------------------- torch.func
 
 def test_torch_func_grad_vmap_and_ensembling_match_torch(path):

@@ -22,7 +22,8 @@ Each call takes the fastest form that the tools in play can see through:
 Forms 1 and 3 recompute the statistics from ``x`` inside the graph when a second derivative
 is requested (``create_graph=True``), so double backward is exact; form 2 is differentiable
 to any order as it stands. Half-precision inputs are computed in float32 and cast back.
-Evaluation in eager mode is Algorithm 2's fixed affine map in ATen operations.
+Evaluation in eager mode is Algorithm 2's fixed affine map: one pass of the fused CPU kernel
+(:func:`batchnorm.cpu.infer`) in plain eager mode, ATen operations otherwise.
 
 The seam (:mod:`batchnorm.backends`) loads this module on the first call that needs it and
 registers its :func:`batch_norm` and :func:`supports`. Formerly ``batchnorm.autograd``, which
@@ -74,6 +75,18 @@ def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, ep
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)[0]
 
 
+def eval_batch_norm(x, running_mean, running_var, weight, bias, eps):
+    """Algorithm 2's fixed affine map ``x * scale + shift`` in eager mode (autograd through it
+    is exact): the fused one-pass CPU kernel in plain eager mode, ATen operations otherwise."""
+    if plain_eager(x, weight, bias):
+        y = cpu_kernels.infer(x, weight, bias, running_mean, running_var, eps)
+        if y is not None:
+            return y
+    invstd = torch.rsqrt(cast(running_var, compute_dtype(x)) + eps)
+    scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
+    return cast(_affine(cast(x, invstd.dtype), shift, scale), x.dtype)
+
+
 def batch_norm(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual
 ):
@@ -85,10 +98,7 @@ def batch_norm(
         y = composite.batch_norm(input, running_mean, running_var, weight, bias, False, momentum,
                                  eps)
     else:
-        # Inference is Algorithm 2's fixed affine map; autograd through it is exact.
-        invstd = torch.rsqrt(cast(running_var, compute_dtype(input)) + eps)
-        scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
-        y = cast(_affine(cast(input, invstd.dtype), shift, scale), input.dtype)
+        y = eval_batch_norm(input, running_mean, running_var, weight, bias, eps)
     return epilogue(y, activation, residual)
 
 
