@@ -42,12 +42,13 @@ def test_a_storage_saved_several_times_or_through_a_view_counts_once_at_full_siz
 
 
 @pytest.mark.parametrize("variant, block, shared, total", [
-    # per BN + act layer, on a 2x4x8x8 float32 map (2048 bytes): BN keeps its input x, the
-    # float64 mean (4 x 8) and invstd (4 x 4); ReLU its output z (the next conv's input:
-    # shared), leaky ReLU its input y; in-place ABN only z and invstd. Outside the block: the
-    # network input (2x1x8x8, 512 bytes) and, for leaky ReLU, z saved by the next conv.
-    ("bn-relu", 2048 + 32 + 16 + 2048, 2048, 512 + 4144),
-    ("bn-leaky-relu", 2048 + 32 + 16 + 2048, 0, 512 + 4144 + 2048),
+    # per BN + act layer, on a 2x4x8x8 float32 map (2048 bytes): BN keeps its input x and the
+    # per-channel mean and invstd (our CPU kernels: one float64 (2, 4) tensor, 64 bytes); ReLU
+    # its output z (the next conv's input: shared), leaky ReLU its input y; in-place ABN only z
+    # and invstd (float32). Outside the block: the network input (2x1x8x8, 512 bytes) and, for
+    # leaky ReLU, z saved by the next conv.
+    ("bn-relu", 2048 + 64 + 2048, 2048, 512 + 4160),
+    ("bn-leaky-relu", 2048 + 64 + 2048, 0, 512 + 4160 + 2048),
     ("inplace-abn", 2048 + 16, 2048, 512 + 2064),
 ])
 def test_bn_act_block_bytes_by_hand(variant, block, shared, total):
@@ -81,7 +82,7 @@ def test_inplace_abn_blocks_save_half_of_bn_leaky_relu_on_a_resnet():
     # (norm1 of block 2), 2x8x4x4 (norm2 of block 2, head): 4 x 2048 + ... bytes
     maps = 2048 + 2048 + 2048 + 1024 + 1024
     per_channel = 3 * 4 + 2 * 8  # channels of the five layers
-    assert saved["bn-leaky-relu"] == 2 * maps + per_channel * (8 + 4)
+    assert saved["bn-leaky-relu"] == 2 * maps + per_channel * 2 * 8  # float64 mean, invstd
     assert saved["inplace-abn"] == maps + per_channel * 4
     assert saved["inplace-abn"] / saved["bn-leaky-relu"] == pytest.approx(0.5, abs=0.01)
 
