@@ -26,6 +26,10 @@ EXPERIMENTS = {
     "lr-sweep": ("batchnorm.repro.lr_sweep", "Claim 1: learning rates x1..x30 with and without BN"),
     "depth": ("batchnorm.repro.depth", "Claims 4-5: deep sigmoid networks with and without BN"),
     "ics": ("batchnorm.repro.ics", "Mechanism: stability, ICS, smoothness; no BN/BN/noisy BN"),
+    "small-batch": ("batchnorm.repro.small_batch",
+                    "Batch Renorm vs BN and Ghost BN: small and non-i.i.d. batches"),
+    "ghost": ("batchnorm.repro.large_batch",
+              "Ghost BN: large batches with and without ghost batches vs a small batch"),
 }
 COMMANDS = {
     "demo": ("batchnorm.repro.demo", "Train a small BN model; population stats and folding agree"),

@@ -8,6 +8,8 @@ SmallConvNet` are both made of :class:`ConvUnit` s and initialized by :func:`ini
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from batchnorm.modules import BatchNorm2d
@@ -34,11 +36,15 @@ class ConvUnit(nn.Sequential):
 
     A ``Sequential`` of [conv (, pointwise conv), BN with fused activation | activation] so that
     tools that look for a convolution directly followed by BN (``batchnorm.fold``) find it.
+    ``norm(channels, activation)`` builds the normalization layer (with the nonlinearity fused)
+    when ``bn`` is set; default :class:`batchnorm.BatchNorm2d` (a BN-family variant such as
+    ``batchnorm.BatchRenorm2d`` takes the same two arguments).
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
         bn: bool, activation: str, depth_multiplier: int | None = None,
+        norm: Callable[[int, str], nn.Module] | None = None,
     ):
         padding = kernel_size // 2
         layers: list[nn.Module] = []
@@ -51,7 +57,8 @@ class ConvUnit(nn.Sequential):
                                     groups=in_channels, bias=False))
             layers.append(nn.Conv2d(mid, out_channels, 1, bias=not bn))
         if bn:
-            layers.append(BatchNorm2d(out_channels, activation=activation))
+            layers.append(BatchNorm2d(out_channels, activation=activation) if norm is None
+                          else norm(out_channels, activation))
         else:
             layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.Sigmoid())
         super().__init__(*layers)
