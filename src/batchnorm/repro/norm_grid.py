@@ -255,7 +255,7 @@ def write_outputs(out: Path, records: list[dict], comparisons, figure, report, *
              f"{config['test_examples']} test examples. Network: small ReLU CNN "
              f"({config['channels']}-{2 * config['channels']}-{4 * config['channels']} 3x3 "
              "convolutions, each followed by the normalization with ReLU, global average "
-             f"pool, linear). SGD, momentum {config["momentum"]}, {config["epochs"]:g} epoch(s) "
+             f"pool, linear). SGD, momentum {config['momentum']}, {config['epochs']:g} epoch(s) "
              "in every run, constant learning rate. Test accuracy in eval mode (population "
              f"statistics). Seeds: {', '.join(map(str, seed_list))}; {config['device']} "
              f"({config['threads']} thread(s)).", "",
