@@ -21,6 +21,7 @@ Ghost BN is :class:`batchnorm.GhostBatchNorm2d` (momentum 0.1 per virtual batch)
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -196,9 +197,7 @@ def train_grid(experiment: str, args, data: Data, conditions: list[Condition]) -
                              norm=norm_layer(condition))
         order = None
         if condition.classes_per_batch:
-            labels = data.train[1]
-            order = lambda start, c=condition: ClassBatches(  # noqa: E731
-                labels, c.batch_size, c.classes_per_batch, args.seed, start)
+            order = functools.partial(_class_batches, data.train[1], condition, args.seed)
         result = sweep.train_run(model, data, args, lr=condition.lr, label=label, order=order,
                                  steps=condition.steps, batch_size=condition.batch_size,
                                  eval_every=max(1, condition.steps // args.evals))
@@ -209,6 +208,10 @@ def train_grid(experiment: str, args, data: Data, conditions: list[Condition]) -
         log(f"{experiment}: {label}: lr {condition.lr:.4g}, {condition.steps} steps: "
             f"{sweep.outcome(result)}, final test accuracy {result['final_accuracy']:.4f}")
     return list(runs.values())
+
+
+def _class_batches(labels, condition: Condition, seed: int, start: int) -> ClassBatches:
+    return ClassBatches(labels, condition.batch_size, condition.classes_per_batch, seed, start)
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from batchnorm.repro.common import ArgumentError, parse_numbers
 from batchnorm.repro.norm_grid import Condition, errorbar, mean_final, verdict
 from batchnorm.repro.report import figure, finish
 
-DEFAULTS = dict(epochs=5.0, lr=0.05, channels=8, train_subset=6000, test_subset=2000, evals=5,
+DEFAULTS = dict(epochs=5.0, lr=0.1, channels=8, train_subset=6000, test_subset=2000, evals=5,
                 target=0.8, out="results/small-batch",
                 lr_help="learning rate at batch 64; batch B uses lr x B / 64")
 REFERENCE_BATCH = 64
