@@ -82,13 +82,14 @@ def test_small_batch_over_seeds_resume_and_same_seed(tmp_path, capsys):
 
     # a seed's folder is what the one-seed command writes: same seed, same result
     alone = tmp_path / "alone"
-    assert main([*SMALL, "--seed", "1", "--out", str(alone)]) == 0
+    assert main([*SMALL, "--seeds", "1", "--seed", "1", "--out", str(alone)]) == 0
+    assert one["config"]["command"].endswith(f"--seeds 1 --seed 1 --out {out / 'seed-1'}")
     _same_but_times(out / "seed-1", alone)
 
 
 def test_ghost_end_to_end(tmp_path):
     out = tmp_path / "ghost"
-    assert main([*GHOST, "--out", str(out)]) == 0
+    assert main([*GHOST, "--seeds", "1", "--out", str(out)]) == 0
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())

@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    seeds.add_arguments(parser)
+    seeds.add_arguments(parser, default=defaults["seeds"])
     parser.add_argument("--out", default=defaults["out"])
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 

@@ -32,10 +32,13 @@ small-batch runs combined 4-example BN with gradients aggregated over many worke
 virtual batch would not be smaller than the batch (B <= 4) Ghost BN *is* BN: that condition is
 not trained again, BN's result is reported for it (marked ``= BN``).
 
-Time (measured on this project's 2-core CPU, 1 thread, another job running): about 10.5 ms
-per training example per epoch per seed summed over the 19 trained runs (batch 2: ~1.5 ms per
-example, batches >= 32: ~0.3 ms), so the defaults (6000 examples, 5 epochs, 3 seeds) take
-about 6000 x 5 x 10.5 ms x 3 ~ 16 min of training plus evaluation, about 20 min in all.
+Time, measured on this project's 2-core CPU with 1 thread while other jobs ran: one seed of
+the default grid at 0.5 epochs of 6000 examples took 53 s, 26 s of it training (8.6 ms per
+training example per epoch, summed over the 19 runs that train; batch 2 costs ~1.8 ms per
+example, batches >= 32 ~0.3 ms) and 26 s evaluating (21 runs x 6-7 evaluations of 2000 test
+examples, ~0.2 s each). The defaults (8000 examples, 6 epochs, 3 seeds) are then about
+3 x (8000 x 6 x 8.6 ms + 30 s) ~ 22 min. A busier machine can make it twice as long: with the
+test suite running beside it the same work took ~2.5x longer.
 
 Writes ``figure.png`` (a: final test accuracy vs. batch size per normalization, mean ± std
 over seeds; b: the non-i.i.d. runs against i.i.d. BN at the same batch size),
@@ -51,8 +54,8 @@ from batchnorm.repro.common import ArgumentError, parse_numbers
 from batchnorm.repro.norm_grid import Condition, errorbar, mean_final, verdict
 from batchnorm.repro.report import figure, finish
 
-DEFAULTS = dict(epochs=5.0, lr=0.1, channels=8, train_subset=6000, test_subset=2000, evals=5,
-                target=0.8, out="results/small-batch",
+DEFAULTS = dict(epochs=6.0, lr=0.1, channels=8, train_subset=8000, test_subset=2000, evals=5,
+                seeds=3, target=0.8, out="results/small-batch",
                 lr_help="learning rate at batch 64; batch B uses lr x B / 64")
 REFERENCE_BATCH = 64
 IID, NON_IID = "i.i.d.", "non-i.i.d."
