@@ -53,12 +53,15 @@ CLAIM = ("Ghost BN narrows the generalization gap of large-batch training at the
          "of epochs (Hoffer, Hubara & Soudry 2017)")
 
 
+OPTIONS = (  # (option, type, default, help)
+    ("--small-batch", int, 32, "the small-batch baseline"),
+    ("--large-batch", int, 1024, "the large batch"),
+    ("--ghost-batch", int, 32, "Ghost BN's virtual batch inside the large batch"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    norm_grid.add_arguments(parser, DEFAULTS)
-    parser.add_argument("--small-batch", type=int, default=32, help="the small-batch baseline")
-    parser.add_argument("--large-batch", type=int, default=1024, help="the large batch")
-    parser.add_argument("--ghost-batch", type=int, default=32,
-                        help="Ghost BN's virtual batch inside the large batch")
+    norm_grid.add_arguments(parser, DEFAULTS, OPTIONS)
 
 
 def plan(args, data) -> list[Condition]:

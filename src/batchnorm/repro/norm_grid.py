@@ -109,8 +109,10 @@ def steps_for(epochs: float, examples: int, batch_size: int) -> int:
 # the command
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    """Arguments shared by the grids; ``defaults`` sets their defaults."""
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict,
+                  options: tuple[tuple, ...] = ()) -> None:
+    """Arguments shared by the grids, ``defaults`` setting their defaults, and the
+    experiment's own ``options``: ``(option, type, default, help)`` each."""
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="fashion-mnist (default), mnist, cifar10; in-memory data only")
     add_data_arguments(parser)
@@ -136,6 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     seeds.add_arguments(parser, default=defaults["seeds"])
     parser.add_argument("--out", default=defaults["out"])
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    for option, kind, default, text in options:
+        parser.add_argument(option, type=kind, default=default, help=text)
 
 
 def run(args, experiment: str, plan: Callable[[argparse.Namespace, Data], list[Condition]], *,

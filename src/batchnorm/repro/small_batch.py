@@ -63,17 +63,17 @@ CLAIM = ("Batch Renorm keeps most of BN's accuracy with small and non-i.i.d. min
          "BN degrades (Ioffe 2017)")
 
 
+OPTIONS = (  # (option, type, default, help)
+    ("--batch-sizes", str, "2,4,8,16,32,64", "comma-separated i.i.d. batch sizes"),
+    ("--ghost-batch", int, 4, "Ghost BN's virtual batch (Ghost BN = BN where the batch is not "
+                              "larger)"),
+    ("--non-iid-batch", int, 32, "batch size of the non-i.i.d. runs (0: none)"),
+    ("--classes-per-batch", int, 2, "classes in every non-i.i.d. batch"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    norm_grid.add_arguments(parser, DEFAULTS)
-    parser.add_argument("--batch-sizes", default="2,4,8,16,32,64",
-                        help="comma-separated i.i.d. batch sizes")
-    parser.add_argument("--ghost-batch", type=int, default=4,
-                        help="Ghost BN's virtual batch (Ghost BN = BN where the batch is not "
-                             "larger)")
-    parser.add_argument("--non-iid-batch", type=int, default=32,
-                        help="batch size of the non-i.i.d. runs (0: none)")
-    parser.add_argument("--classes-per-batch", type=int, default=2,
-                        help="classes in every non-i.i.d. batch")
+    norm_grid.add_arguments(parser, DEFAULTS, OPTIONS)
 
 
 def plan(args, data) -> list[Condition]:
