@@ -136,15 +136,21 @@ def test_norm_layers_and_the_scaled_schedule():
     common = dict(group="i.i.d.", batch_size=8, steps=1600, lr=0.1)
     renorm = norm_layer(Condition(norm="renorm", **common))(6, "relu")
     assert isinstance(renorm, batchnorm.BatchRenorm2d) and renorm.momentum == 0.01
-    assert renorm.bounds(0) == (1.0, 0.0) and renorm.bounds(100) == (1.0, 0.0)  # BN first
-    assert renorm.bounds(500)[1] == pytest.approx(5.0) and renorm.bounds(800)[0] == 3.0
-    assert 1 < renorm.bounds(400)[0] < 3
+    # BN first, for max(1600 / 16, 3 / 0.01) = 300 steps; r_max = 3 at 800, d_max = 5 at
+    # 300 + 500 x 20/35
+    assert renorm.bounds(0) == (1.0, 0.0) and renorm.bounds(300) == (1.0, 0.0)
+    assert renorm.bounds(586)[1] == 5.0 and renorm.bounds(585)[1] < 5.0
+    assert renorm.bounds(800)[0] == 3.0 and 1 < renorm.bounds(500)[0] < 3
+    long = scaled_schedule(32_000)  # long runs: the paper's proportions
+    assert long["r_max"](2000) == 1.0 and long["r_max"](2001) > 1.0
+    assert long["d_max"](10_572) == 5.0 and long["r_max"](16_000) == 3.0
     ghost = norm_layer(Condition(norm="ghost", ghost_batch_size=4, **common))(6, "relu")
     assert isinstance(ghost, batchnorm.GhostBatchNorm2d) and ghost.ghost_batch_size == 4
     bn = norm_layer(Condition(norm="bn", **common))(6, "relu")
     assert type(bn) is batchnorm.BatchNorm2d and bn.activation == "relu"
-    tiny = scaled_schedule(3)  # short runs still give a valid ramp
-    assert tiny["r_max"](3) == 3.0 and tiny["d_max"](0) == 0.0
+    for steps in (1, 2, 3, 50):  # short runs still give a valid ramp
+        tiny = scaled_schedule(steps)
+        assert tiny["r_max"](steps) == 3.0 and tiny["d_max"](0) == 0.0
 
 
 @pytest.mark.parametrize("argv, message", [

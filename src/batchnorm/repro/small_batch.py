@@ -21,9 +21,11 @@ paper's inference does.
 
 Batch Renorm follows the paper where it is precise: moving-average rate ``alpha = 0.01``
 (section 4), r and d constants in the backward, BN first and then bounds relaxed linearly to
-r_max = 3 and d_max = 5. The paper's milestones (5k, 25k, 40k steps of >100k) are scaled to
-each run's length: BN up to 1/16 of the steps, d_max = 5 at 5/16, r_max = 3 at 1/2
-(:func:`~batchnorm.repro.norm_grid.scaled_schedule`).
+r_max = 3 and d_max = 5. The paper's milestones (5k, 25k, 40k steps of runs >100k steps) are
+fitted to each run's length: BN for 1/16 of the steps but at least 300 (3 averaging times of
+alpha = 0.01: the paper's 5k-step warm-up lets the moving averages settle before r and d act,
+and a short run's 1/16 would not), r_max = 3 at half the run, d_max = 5 after 20/35 of that
+ramp (:func:`~batchnorm.repro.norm_grid.scaled_schedule`).
 
 Ghost BN in this sweep has a fixed virtual batch of ``--ghost-batch`` (default 4, the paper's
 small batch) inside every larger batch: it separates the batch the statistics come from
