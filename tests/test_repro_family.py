@@ -146,6 +146,9 @@ def test_norm_layers_and_the_scaled_schedule():
     assert long["d_max"](10_572) == 5.0 and long["r_max"](16_000) == 3.0
     ghost = norm_layer(Condition(norm="ghost", ghost_batch_size=4, **common))(6, "relu")
     assert isinstance(ghost, batchnorm.GhostBatchNorm2d) and ghost.ghost_batch_size == 4
+    faster = norm_layer(Condition(norm="renorm", **common), 0.1)(6, "relu")
+    assert faster.momentum == 0.1 and faster.bounds(100) == (1.0, 0.0)  # warm-up 3/0.1 = 30
+    assert faster.bounds(101)[0] > 1.0
     bn = norm_layer(Condition(norm="bn", **common))(6, "relu")
     assert type(bn) is batchnorm.BatchNorm2d and bn.activation == "relu"
     for steps in (1, 2, 3, 50):  # short runs still give a valid ramp
@@ -158,6 +161,7 @@ def test_norm_layers_and_the_scaled_schedule():
     (["small-batch", "--batch-sizes", "4,x"], "--batch-sizes must be comma-separated positive"),
     (["small-batch", "--classes-per-batch", "5"], "--classes-per-batch must be between 1 and"),
     (["small-batch", "--epochs", "0"], "--epochs must be positive, got 0"),
+    (["small-batch", "--renorm-momentum", "0"], "--renorm-momentum must be in (0, 1], got 0"),
     (["small-batch", "--batch-sizes", "4096"], "batch size 4096 is larger than the training"),
     (["ghost", "--small-batch", "64", "--large-batch", "32"], "need 2 <= --small-batch < "),
     (["ghost", "--ghost-batch", "1"], "--ghost-batch must be >= 2"),

@@ -97,13 +97,16 @@ def scaled_schedule(steps: int, alpha: float = RENORM_MOMENTUM) -> dict:
                            r_max_step=max(warmup + 1, reach))
 
 
-def norm_layer(condition: Condition) -> Callable[[int, str], nn.Module]:
-    """``(channels, activation) -> layer`` for the condition's normalization."""
+def norm_layer(condition: Condition, renorm_momentum: float = RENORM_MOMENTUM
+               ) -> Callable[[int, str], nn.Module]:
+    """``(channels, activation) -> layer`` for the condition's normalization (Batch Renorm's
+    moving averages at rate ``renorm_momentum``, the paper's 0.01 by default)."""
     if condition.norm == "bn":
         return lambda c, activation: BatchNorm2d(c, activation=activation)
     if condition.norm == "renorm":
-        schedule = scaled_schedule(condition.steps)
-        return lambda c, activation: BatchRenorm2d(c, activation=activation, **schedule)
+        schedule = scaled_schedule(condition.steps, renorm_momentum)
+        return lambda c, activation: BatchRenorm2d(c, momentum=renorm_momentum,
+                                                   activation=activation, **schedule)
     if condition.norm == "ghost":
         return lambda c, activation: GhostBatchNorm2d(
             c, activation=activation, ghost_batch_size=condition.ghost_batch_size)
@@ -211,7 +214,8 @@ def train_grid(experiment: str, args, data: Data, conditions: list[Condition]) -
             continue
         seed_everything(args.seed)
         model = SmallConvNet(data.num_classes, data.in_channels, channels=args.channels,
-                             norm=norm_layer(condition))
+                             norm=norm_layer(condition, getattr(args, "renorm_momentum",
+                                                                RENORM_MOMENTUM)))
         order = None
         if condition.classes_per_batch:
             order = functools.partial(_class_batches, data.train[1], condition, args.seed)

@@ -27,6 +27,14 @@ alpha = 0.01: the paper's 5k-step warm-up lets the moving averages settle before
 and a short run's 1/16 would not), r_max = 3 at half the run, d_max = 5 after 20/35 of that
 ramp (:func:`~batchnorm.repro.norm_grid.scaled_schedule`).
 
+Caveat, seen in short check runs (250 steps at batch 64, lr 0.1): Batch Renorm with
+alpha = 0.01 can blow up once r and d are relaxed: its moving averages (averaging time 100
+steps) lag behind a network that still changes fast, and the corrections then pull towards
+stale statistics (training loss 0.98 -> 34 in one of two seeds); its test accuracy is also
+lower than BN's during the warm-up, where it computes exactly BN's outputs, because the slow
+averages are not yet the population statistics. The paper's runs are ~1000x longer than
+alpha's averaging time. ``--renorm-momentum`` sets alpha to test this.
+
 Ghost BN in this sweep has a fixed virtual batch of ``--ghost-batch`` (default 4, the paper's
 small batch) inside every larger batch: it separates the batch the statistics come from
 (4 examples) from the batch the gradient averages over (B), which is how the paper's
@@ -71,6 +79,8 @@ OPTIONS = (  # (option, type, default, help)
                               "larger)"),
     ("--non-iid-batch", int, 32, "batch size of the non-i.i.d. runs (0: none)"),
     ("--classes-per-batch", int, 2, "classes in every non-i.i.d. batch"),
+    ("--renorm-momentum", float, 0.01, "Batch Renorm's moving-average rate alpha (the "
+                                       "paper's 0.01; see the caveat on short runs)"),
 )
 
 
@@ -85,6 +95,8 @@ def plan(args, data) -> list[Condition]:
     if min(sizes) < 2:
         raise ArgumentError(f"--batch-sizes must all be >= 2 (BN needs two examples), got "
                             f"{args.batch_sizes!r}")
+    if not 0 < args.renorm_momentum <= 1:
+        raise ArgumentError(f"--renorm-momentum must be in (0, 1], got {args.renorm_momentum}")
     if args.ghost_batch < 2:
         raise ArgumentError(f"--ghost-batch must be >= 2, got {args.ghost_batch}")
     if args.non_iid_batch < 0 or args.non_iid_batch == 1:
