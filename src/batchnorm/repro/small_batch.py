@@ -37,8 +37,9 @@ alpha's averaging time. ``--renorm-momentum`` sets alpha to test this.
 
 Ghost BN in this sweep has a fixed virtual batch of ``--ghost-batch`` (default 4, the paper's
 small batch) inside every larger batch: it separates the batch the statistics come from
-(4 examples) from the batch the gradient averages over (B), which is how the paper's
-small-batch runs combined 4-example BN with gradients aggregated over many workers. Where the
+(4 examples) from the batch the gradient averages over (B), as in the paper's small-batch
+runs as we read them (4 examples per worker normalized alone, gradients aggregated over the
+synchronized workers). Where the
 virtual batch would not be smaller than the batch (B <= 4) Ghost BN *is* BN: that condition is
 not trained again, BN's result is reported for it (marked ``= BN``).
 
