@@ -54,12 +54,13 @@ def test_small_batch_over_seeds_resume_and_same_seed(tmp_path, capsys):
     assert rows["i.i.d., B=8, Ghost BN (g=4)"]["same_as"] is None
     # linear learning-rate scaling and equal epochs: steps = epochs x examples / B
     b8 = rows["i.i.d., B=8, BN"]
-    assert b8["lr"] == pytest.approx(0.1 * 8 / 64) and b8["steps"] == round(0.5 * 512 / 8)
+    assert b8["lr"] == pytest.approx(0.05 * 8 / 64) and b8["steps"] == round(0.5 * 512 / 8)
     assert rows["non-i.i.d., B=16, BN"]["classes_per_batch"] == 2
     labels = [t["label"] for t in results["comparisons"]]
     assert "i.i.d., B=2, Batch Renorm - BN" in labels and "BN: B=2 - B=8 (i.i.d.)" in labels
     assert "non-i.i.d., B=16, Batch Renorm - BN" in labels
     assert "i.i.d., B=2, Ghost BN (g=4) - BN" not in labels  # the same run: nothing to test
+    assert len(labels) == len(set(labels)) == 7
     for t in results["comparisons"]:
         assert t["text"].startswith(("yes (p", "no (p"))
         a, b = rows[t["a"]]["final_accuracy"], rows[t["b"]]["final_accuracy"]
