@@ -27,3 +27,14 @@ def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "batchnorm", "--help"], capture_output=True,
                             text=True, check=True)
     assert "reproduce" in result.stdout
+
+
+def test_reproduce_help_lists_every_experiment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert set(cli.EXPERIMENTS) >= {"mnist", "inception", "lr-sweep", "depth", "ics",
+                                    "small-batch", "ghost"}
+    for name in cli.EXPERIMENTS:
+        assert name in out, name

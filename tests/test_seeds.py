@@ -58,6 +58,9 @@ def test_command_for_seed():
             "--resume", "--lr", "0.1"]
     assert command_for_seed(3, "r/seed-3", argv) == (
         "batchnorm reproduce depth --lr 0.1 --seed 3 --out r/seed-3")
+    # a command whose default is several seeds: the seed's command says --seeds 1
+    assert command_for_seed(3, "r/seed-3", argv, one_seed=True) == (
+        "batchnorm reproduce depth --lr 0.1 --seeds 1 --seed 3 --out r/seed-3")
 
 
 def test_run_seeds_folders_and_resume(tmp_path):

@@ -28,6 +28,10 @@ EXPERIMENTS = {
     "ics": ("batchnorm.repro.ics", "Mechanism: stability, ICS, smoothness; no BN/BN/noisy BN"),
     "memory": ("batchnorm.repro.memory",
                "In-place activated BN: saved bytes, peak memory and accuracy vs BN + activation"),
+    "small-batch": ("batchnorm.repro.small_batch",
+                    "Batch Renorm vs BN and Ghost BN: small and non-i.i.d. batches"),
+    "ghost": ("batchnorm.repro.large_batch",
+              "Ghost BN: large batches with and without ghost batches vs a small batch"),
 }
 COMMANDS = {
     "demo": ("batchnorm.repro.demo", "Train a small BN model; population stats and folding agree"),

@@ -14,11 +14,13 @@ from torch import nn
 
 from batchnorm.modules import BatchNorm2d
 
-#: A factory ``channels -> module`` for BN with its activation fused, e.g.
-#: ``lambda c: batchnorm.BatchNorm2d(c, activation="leaky_relu")`` or
-#: ``lambda c: batchnorm.InPlaceABN2d(c, activation="leaky_relu", negative_slope=0.01)``: what
-#: the models' ``norm`` argument takes in place of their default ``BatchNorm2d(c, activation=)``.
-NormAct = Callable[[int], nn.Module]
+#: A factory ``(channels, activation) -> module`` for BN with its activation fused: what the
+#: models' ``norm`` argument takes in place of their default
+#: ``batchnorm.BatchNorm2d(channels, activation=activation)``, e.g. a BN-family variant
+#: (``lambda c, act: batchnorm.BatchRenorm2d(c, activation=act)``) or a layer that fixes its own
+#: activation (``lambda c, act: batchnorm.InPlaceABN2d(c, negative_slope=0.01)``); the model
+#: passes the nonlinearity it was built with.
+NormAct = Callable[[int, str], nn.Module]
 
 #: The hidden nonlinearities the models offer (the paper's ReLU and sigmoid). Not to be
 #: confused with :data:`batchnorm.activations.ACTIVATIONS`, what a BN layer can fuse.
@@ -42,9 +44,9 @@ class ConvUnit(nn.Sequential):
 
     A ``Sequential`` of [conv (, pointwise conv), BN with fused activation | activation] so that
     tools that look for a convolution directly followed by BN (``batchnorm.fold``) find it.
-    With ``bn``, ``norm`` (a :data:`NormAct` factory) makes the BN + activation layer instead of
-    ``BatchNorm2d(out_channels, activation=activation)``; ``activation`` then only sets the
-    initialization's gain (:func:`init_weights`).
+    With ``bn``, ``norm`` (a :data:`NormAct` factory) makes the BN + activation layer,
+    ``norm(out_channels, activation)``, instead of ``BatchNorm2d(out_channels,
+    activation=activation)``.
     """
 
     def __init__(
@@ -64,7 +66,7 @@ class ConvUnit(nn.Sequential):
             layers.append(nn.Conv2d(mid, out_channels, 1, bias=not bn))
         if bn:
             layers.append(BatchNorm2d(out_channels, activation=activation) if norm is None
-                          else norm(out_channels))
+                          else norm(out_channels, activation))
         else:
             layers.append(nn.ReLU(inplace=True) if activation == "relu" else nn.Sigmoid())
         super().__init__(*layers)

@@ -11,6 +11,8 @@ It is built from the same blocks as :class:`~batchnorm.models.inception.Inceptio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from batchnorm.models.blocks import (
@@ -24,14 +26,17 @@ from batchnorm.models.blocks import (
 
 class SmallConvNet(nn.Module):
     """Args: ``num_classes``, ``in_channels``, ``bn`` (BN before every nonlinearity),
-    ``activation`` (``"relu"`` or ``"sigmoid"``), ``channels`` (c, the first layer's width)."""
+    ``activation`` (``"relu"`` or ``"sigmoid"``), ``channels`` (c, the first layer's width),
+    ``norm`` (with ``bn``: ``norm(channels, activation)`` builds each normalization layer, e.g. a
+    Batch Renorm or Ghost BN layer; default :class:`batchnorm.BatchNorm2d`)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, *, bn: bool = True,
-                 activation: str = "relu", channels: int = 16):
+                 activation: str = "relu", channels: int = 16,
+                 norm: Callable[[int, str], nn.Module] | None = None):
         super().__init__()
         check_choice("SmallConvNet", "activation", activation, NONLINEARITIES)
         check_positive_int("SmallConvNet", "channels", channels)
-        unit = dict(bn=bn, activation=activation)
+        unit = dict(bn=bn, activation=activation, norm=norm)
         c = channels
         self.features = nn.Sequential(
             ConvUnit(in_channels, c, 3, **unit), nn.MaxPool2d(2),

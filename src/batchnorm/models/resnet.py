@@ -14,7 +14,7 @@ The shortcut is the identity, or where the width or resolution changes a 1x1 con
 (with the stride) of the block's pre-activated input, as in He et al. Convolutions have no
 bias (every one feeds a BN, or the residual sum that the next BN normalizes).
 
-``norm`` is a factory ``channels -> BN + activation layer``
+``norm`` is a factory ``(channels, activation) -> BN + activation layer``
 (:data:`~batchnorm.models.blocks.NormAct`); the default is
 ``batchnorm.BatchNorm2d(c, activation="relu")``. A ``norm`` layer must not write over its
 input: the block's shortcut still reads it (so in-place ABN with ``inplace=False``).
@@ -29,8 +29,8 @@ from batchnorm.models.blocks import NormAct, check_positive_int, init_weights
 from batchnorm.modules import BatchNorm2d
 
 
-def _bn_relu(channels: int) -> nn.Module:
-    return BatchNorm2d(channels, activation="relu")
+def _bn_act(channels: int, activation: str) -> nn.Module:
+    return BatchNorm2d(channels, activation=activation)
 
 
 class PreActBlock(nn.Module):
@@ -39,9 +39,9 @@ class PreActBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: NormAct):
         super().__init__()
-        self.norm1 = norm(in_channels)
+        self.norm1 = norm(in_channels, "relu")
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.norm2 = norm(out_channels)
+        self.norm2 = norm(out_channels, "relu")
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut = (None if stride == 1 and in_channels == out_channels else
                          nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
@@ -64,7 +64,7 @@ class PreActResNet(nn.Module):
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
                             ("width", width), ("blocks", blocks), ("stages", stages)):
             check_positive_int("PreActResNet", name, value)
-        norm = _bn_relu if norm is None else norm
+        norm = _bn_act if norm is None else norm
         self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         layers, channels = [], width
         for stage in range(stages):
@@ -74,7 +74,7 @@ class PreActResNet(nn.Module):
                 layers.append(PreActBlock(channels, out, stride, norm))
                 channels = out
         self.blocks = nn.Sequential(*layers)
-        self.head = nn.Sequential(norm(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(norm(channels, "relu"), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, num_classes)
         init_weights(self, "relu")
 

@@ -6,8 +6,9 @@ tensors (Fashion-MNIST, MNIST, CIFAR-10, the ``synthetic`` test set) or, for
 ``imagefolder:PATH``, streaming :class:`~batchnorm.data.imagefolder.ImageFolder` data sets
 (random crops and flips for training, the centre crop for testing: the only augmentation).
 :class:`IndexBatches` fixes which examples every training step sees, as a function of the step
-alone, so that a resumed run sees the same batches as an uninterrupted one; :func:`image_batches`
-turns those indices into tensors on the device.
+alone (:class:`ClassBatches`: the same for non-i.i.d. batches of a few classes each), so that a
+resumed run sees the same batches as an uninterrupted one; :func:`image_batches` turns those
+indices into tensors on the device.
 """
 
 from __future__ import annotations
@@ -169,6 +170,52 @@ class IndexBatches:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
                 epoch, order = e, torch.randperm(self.n, generator=generator)
             yield shard(order[i * self.batch_size : (i + 1) * self.batch_size]).tolist()
+            step += 1
+
+
+class ClassBatches:
+    """Non-i.i.d. mini-batches of indices from step ``start`` on, forever: every batch of
+    ``batch_size`` examples comes from ``classes_per_batch`` classes only (Ioffe 2017, section
+    4.3: a batch of 32 made of 16 labels x 2 examples). At step ``t`` a generator seeded by
+    ``(seed, t)`` picks the classes, splits the batch among them as evenly as possible (the
+    first classes get one more where it does not divide), draws that many distinct examples of
+    each and shuffles the batch (so that a virtual batch of Ghost BN is not one class). The
+    batch of a step is a function of the step alone (``--resume``); each process keeps its
+    :func:`~batchnorm.repro.common.shard`."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, classes_per_batch: int, seed: int,
+                 start: int = 0):
+        labels = torch.as_tensor(labels)
+        classes = torch.unique(labels)
+        if not 1 <= classes_per_batch <= len(classes):
+            raise ArgumentError(f"--classes-per-batch must be between 1 and the number of "
+                                f"classes ({len(classes)}), got {classes_per_batch}")
+        if batch_size < classes_per_batch:
+            raise ArgumentError(f"a non-i.i.d. batch of {batch_size} cannot hold "
+                                f"{classes_per_batch} classes: use a batch size >= "
+                                "--classes-per-batch")
+        self.members = [torch.nonzero(labels == c).flatten() for c in classes]
+        most = -(-batch_size // classes_per_batch)
+        if min(len(m) for m in self.members) < most:
+            raise ArgumentError(f"some class has fewer than {most} training examples, too few "
+                                f"for a batch of {batch_size} from {classes_per_batch} classes: "
+                                "use a larger --train-subset")
+        self.batch_size, self.k, self.seed, self.start = batch_size, classes_per_batch, seed, start
+
+    def __iter__(self):
+        step = self.start
+        q, extra = divmod(self.batch_size, self.k)
+        while True:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 500_009 + step)
+            chosen = torch.randperm(len(self.members), generator=generator)[: self.k].tolist()
+            parts = []
+            for j, c in enumerate(chosen):
+                pool = self.members[c]
+                take = torch.randperm(len(pool), generator=generator)[: q + (j < extra)]
+                parts.append(pool[take])
+            batch = torch.cat(parts)
+            batch = batch[torch.randperm(len(batch), generator=generator)]
+            yield shard(batch).tolist()
             step += 1
 
 

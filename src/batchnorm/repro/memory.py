@@ -73,12 +73,14 @@ from batchnorm.repro.saved_memory import SavedTensors, peak_memory
 from batchnorm.repro.trainer import TrainSpec, evaluate
 from batchnorm.variants import InPlaceABN2d
 
-#: name -> (label, factory channels -> BN + activation layer)
+#: name -> (label, factory (channels, the model's activation) -> BN + activation layer; each
+#: variant fixes its own activation)
 VARIANTS = {
-    "bn-relu": ("BN + ReLU", lambda c: BatchNorm2d(c, activation="relu")),
-    "bn-leaky-relu": ("BN + LeakyReLU(0.01)", lambda c: BatchNorm2d(c, activation="leaky_relu")),
+    "bn-relu": ("BN + ReLU", lambda c, _: BatchNorm2d(c, activation="relu")),
+    "bn-leaky-relu": ("BN + LeakyReLU(0.01)",
+                      lambda c, _: BatchNorm2d(c, activation="leaky_relu")),
     "inplace-abn": ("InPlaceABN (leaky ReLU 0.01)",
-                    lambda c: InPlaceABN2d(c, activation="leaky_relu", negative_slope=0.01)),
+                    lambda c, _: InPlaceABN2d(c, activation="leaky_relu", negative_slope=0.01)),
 }
 BASELINE, CANDIDATE = "bn-leaky-relu", "inplace-abn"
 NETWORKS = ("BN-Inception", "PreActResNet")

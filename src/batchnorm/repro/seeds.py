@@ -54,13 +54,15 @@ VOLATILE = {"out", "seed", "seeds", "resume", "progress", "threads", "workers", 
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, resume: bool = True,
-                  folders_for_one: bool = False) -> None:
+                  folders_for_one: bool = False, default: int = 1) -> None:
     """``--seeds N`` (and ``--resume`` unless the command has its own); ``folders_for_one``:
-    as :func:`run_command`'s."""
-    parser.add_argument("--seeds", type=int, default=1,
+    as :func:`run_command`'s; ``default``: the number of seeds without the option."""
+    parser.add_argument("--seeds", type=int, default=default,
                         help="run seeds --seed, --seed+1, ..., each into OUT/seed-<s>/, and "
-                             "report mean ± std over them (default 1"
-                             + (")" if folders_for_one else ": one run into OUT)"))
+                             f"report mean ± std over them (default {default}"
+                             + (")" if folders_for_one or default != 1
+                                else ": one run into OUT)"))
+    parser.set_defaults(_seeds_default=default)
     if resume:
         parser.add_argument("--resume", action="store_true",
                             help="with --seeds: keep the seeds already finished with the same "
@@ -84,10 +86,12 @@ def settings(args: argparse.Namespace) -> dict:
             and isinstance(v, (str, int, float, bool, type(None), list, tuple))}
 
 
-def command_for_seed(seed: int, out: Path, argv: Sequence[str] | None = None) -> str:
+def command_for_seed(seed: int, out: Path, argv: Sequence[str] | None = None, *,
+                     one_seed: bool = False) -> str:
     """The command line (``batchnorm ...``) that runs one seed alone: the running command
     (``argv``, default ``sys.argv[1:]``) without ``--seeds``, ``--seed``, ``--out`` and
-    ``--resume``, with ``--seed <seed> --out <out>``."""
+    ``--resume``, with ``--seed <seed> --out <out>`` (and ``--seeds 1`` before them if
+    ``one_seed``: for a command whose default is several seeds)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     kept, skip = [], False
     for token in argv:
@@ -100,7 +104,8 @@ def command_for_seed(seed: int, out: Path, argv: Sequence[str] | None = None) ->
             continue
         if token != "--resume":
             kept.append(token)
-    return " ".join(["batchnorm", *kept, "--seed", str(seed), "--out", str(out)])
+    return " ".join(["batchnorm", *kept, *(["--seeds", "1"] if one_seed else []), "--seed",
+                     str(seed), "--out", str(out)])
 
 
 def run_seeds(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], int],
@@ -114,7 +119,8 @@ def run_seeds(args: argparse.Namespace, run_one: Callable[[argparse.Namespace], 
         folder = seed_folder(args.out, seed)
         one = copy.copy(args)
         one.seed, one.out, one.seeds = seed, str(folder), 1
-        one.seed_command = command_for_seed(seed, folder)
+        one.seed_command = command_for_seed(
+            seed, folder, one_seed=getattr(args, "_seeds_default", 1) != 1)
         marker = folder / MARKER
         done = marker.exists() and json.loads(marker.read_text()) == settings(one)
         if done and getattr(args, "resume", False):

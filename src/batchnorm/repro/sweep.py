@@ -101,14 +101,19 @@ def run(args, experiment: str, key: str, values: list, *,
                                                   name=name, seconds=seconds))
 
 
-def train_run(model, data: Data, args, *, lr: float, label: str) -> dict:
+def train_run(model, data: Data, args, *, lr: float, label: str, order=None,
+              **spec) -> dict:
     """One run of a sweep: :func:`~batchnorm.repro.trainer.train` without checkpoints,
-    summarized (best/final accuracy, steps to ``args.target``, divergence, chance level)."""
+    summarized (best/final accuracy, steps to ``args.target``, divergence, chance level).
+    ``spec``: :class:`~batchnorm.repro.trainer.TrainSpec` fields that replace the arguments'
+    (e.g. a run's own ``steps`` and ``batch_size``); ``order``: the trainer's batch order."""
     device = pick_device(args.device)
-    spec = TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=lr,
-                     momentum=args.momentum, eval_every=args.eval_every, seed=args.seed,
+    for name in ("steps", "batch_size", "eval_every"):
+        if name not in spec:
+            spec[name] = getattr(args, name)
+    spec = TrainSpec(**spec, lr=lr, momentum=args.momentum, seed=args.seed,
                      progress=args.progress, label=label)
-    result = train(model, data.train, data.test, spec, device)
+    result = train(model, data.train, data.test, spec, device, order)
     history = result["history"]
     accuracies = [p["test_accuracy"] for p in history]
     return dict(
@@ -155,11 +160,11 @@ def config(args, data: Data, started: float, **settings) -> dict:
 
 
 def write(out: Path, experiment: str, key: str, config: dict, runs: list[dict],
-                figure, summary: str) -> None:
-    """``results.json``, ``metrics.csv`` (one row per evaluation, by ``bn`` and ``key``),
-    ``figure.png`` (drawn by ``figure(path)``) and ``summary.md``."""
+          figure, summary: str, *, columns: tuple[str, ...] = ("bn",)) -> None:
+    """``results.json``, ``metrics.csv`` (one row per evaluation, by the run's ``columns`` and
+    ``key``), ``figure.png`` (drawn by ``figure(path)``) and ``summary.md``."""
     write_json(out / "results.json", dict(experiment=experiment, config=config, runs=runs))
-    write_csv(out / "metrics.csv", [dict(bn=r["bn"], **{key: r[key]}, **p)
+    write_csv(out / "metrics.csv", [{c: r[c] for c in (*columns, key)} | p
                                     for r in runs for p in r["history"]])
     figure(out / "figure.png")
     (out / "summary.md").write_text(summary)

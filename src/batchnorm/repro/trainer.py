@@ -29,7 +29,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +131,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, spec: TrainSpec, train_data=None, test_data=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu",
+                 order: Callable[[int], Iterable] | None = None):
         self.spec = spec
+        self.order = order
         self.device = device = torch.device(device)
         self.train_data, self.test_data = train_data, test_data
         self.model = model.to(device)
@@ -246,9 +248,12 @@ class Trainer:
 
     def batches(self, start: int):
         """``(x, y)`` for step ``start`` on: :class:`~batchnorm.repro.image_data.IndexBatches`
-        over the training data (a function of the step alone)."""
+        over the training data (a function of the step alone), or ``order(start)`` when the
+        trainer was given an ``order`` (e.g. :class:`~batchnorm.repro.image_data.ClassBatches`;
+        it must be a function of the step alone too, for ``--resume``)."""
         spec = self.spec
-        order = IndexBatches(num_examples(self.train_data), spec.batch_size, spec.seed, start)
+        order = (self.order(start) if self.order is not None else
+                 IndexBatches(num_examples(self.train_data), spec.batch_size, spec.seed, start))
         return image_batches(self.train_data, order, self.device, spec.channels_last,
                              spec.workers)
 
@@ -358,9 +363,11 @@ class Trainer:
 
 
 def train(model: nn.Module, train_data, test_data, spec: TrainSpec,
-          device: torch.device | str = "cpu") -> dict:
-    """``Trainer(model, spec, train_data, test_data, device).run()``: see :class:`Trainer`."""
-    return Trainer(model, spec, train_data, test_data, device).run()
+          device: torch.device | str = "cpu", order: Callable[[int], Iterable] | None = None
+          ) -> dict:
+    """``Trainer(model, spec, train_data, test_data, device, order).run()``: see
+    :class:`Trainer`."""
+    return Trainer(model, spec, train_data, test_data, device, order).run()
 
 
 def evaluate(model: nn.Module, data, device: torch.device, spec: TrainSpec) -> float:
