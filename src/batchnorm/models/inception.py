@@ -152,10 +152,9 @@ class InceptionBN(nn.Module):
             accelerated BN networks).
         stem: ``"imagenet"`` (224x224 inputs, the table's stem) or ``"small"`` (28x28/32x32).
         width: filter-count multiplier (1 = the paper's network).
-        norm: with ``bn``, a factory ``channels -> BN + activation layer``
+        norm: with ``bn``, a factory ``(channels, activation) -> BN + activation layer``
             (:data:`~batchnorm.models.blocks.NormAct`, e.g. in-place activated BN) used for
-            every unit instead of ``BatchNorm2d(channels, activation=activation)``;
-            ``activation`` then only sets the initialization's gain.
+            every unit instead of ``BatchNorm2d(channels, activation=activation)``.
     """
 
     def __init__(
