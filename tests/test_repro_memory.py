@@ -53,7 +53,7 @@ def test_a_storage_saved_several_times_or_through_a_view_counts_once_at_full_siz
 ])
 def test_bn_act_block_bytes_by_hand(variant, block, shared, total):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), VARIANTS[variant][1](4),
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), VARIANTS[variant][1](4, "relu"),
                         nn.Conv2d(4, 4, 3, padding=1, bias=False))
     with SavedTensors(net, _is_bn) as saved:
         net(torch.randn(2, 1, 8, 8)).sum()
