@@ -87,8 +87,8 @@ def _figure(path: Path, rows: list[dict], records: list[dict], variants: list[st
                       color=colors[variant], label=labels[variant],
                       ls="--" if variant == baseline else "-")
         finish(cx, "training step", "test accuracy",
-               f"(c) PreActResNet, {records[0]['config']['dataset']} (mean, min-max over "
-               f"{len(records)} seeds; dashed: {labels[baseline]})",
+               f"(c) PreActResNet, {records[0]['config']['dataset']}: mean, min-max of "
+               f"{len(records)} seeds",
                legend=dict(fontsize=8, loc="lower right"), fontsize=9)
 
 
