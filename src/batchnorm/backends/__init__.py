@@ -109,16 +109,27 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 _PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager(x, weight, bias) -> bool:
-    """Whether this call may take fused C++ kernels (ours, and the BN family's in
-    :mod:`batchnorm.variants`): plain CPU float32/64 tensors, in eager mode with no compiler,
-    exporter, transform, tracer, forward-mode AD level or dispatch mode active (each of those
-    must see the operations, which the kernels hide). About a microsecond of checks; the order
-    puts the cheapest and most often failing first."""
+def fused_candidate(x, weight, bias) -> bool:
+    """The part of :func:`plain_eager` that only Python sees: plain CPU float32/64 tensors (no
+    subclass, not even one with only ``__torch_function__``) and no compiler tracing this Python
+    code. Our core C++ kernels check the rest themselves (functorch transforms, forward-mode AD
+    tangents, dispatch modes, ``torch.jit.trace``; ``cpu/batchnorm_cpu.cpp``, ``plain_eager``),
+    so the core's per-call price is this fraction of a microsecond."""
     return (
         type(x) is torch.Tensor and x.dtype in _FUSED_DTYPES and x.is_cpu
         and not torch.compiler.is_compiling()
         and type(weight) in _PLAIN and type(bias) in _PLAIN
+    )
+
+
+def plain_eager(x, weight, bias) -> bool:
+    """Whether this call may take fused C++ kernels that do not check their context themselves
+    (the BN family's, :mod:`batchnorm.backends.family`): :func:`fused_candidate`, and no
+    dispatch mode, transform, tracer or forward-mode AD level active (each of those must see
+    the operations, which the kernels hide). About half a microsecond of checks; the order puts
+    the cheapest and most often failing first."""
+    return (
+        fused_candidate(x, weight, bias)
         and not torch._C._len_torch_dispatch_stack()
         and active_transform() is None
     )

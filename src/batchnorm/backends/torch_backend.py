@@ -36,7 +36,7 @@ import torch
 
 from batchnorm import cpu as cpu_kernels
 from batchnorm.activations import epilogue
-from batchnorm.backends import composite, plain_eager
+from batchnorm.backends import composite, fused_candidate
 from batchnorm.backends.function import BatchNormFunction, closed_form_backward
 from batchnorm.statistics import cast, compute_dtype, per_channel
 
@@ -65,23 +65,26 @@ def training_batch_norm(x, weight, bias, running_mean, running_var, momentum, ep
     Three forms of the same math (module docstring): the fused C++ kernels in plain eager mode,
     the plain ATen composite when compiling, exporting or tracing, and
     :class:`BatchNormFunction` for everything else."""
-    if plain_eager(x, weight, bias):
+    if fused_candidate(x, weight, bias):
         y = cpu_kernels.train(x, weight, bias, running_mean, running_var, momentum, eps)
         if y is not None:
             return y
-    elif torch.compiler.is_compiling() or torch._C._get_tracing_state():
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state():
         return composite.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
                                     eps)
     return BatchNormFunction.apply(x, weight, bias, running_mean, running_var, momentum, eps)[0]
 
 
 def eval_batch_norm(x, running_mean, running_var, weight, bias, eps):
-    """Algorithm 2's fixed affine map ``x * scale + shift`` in eager mode (autograd through it
-    is exact): the fused one-pass CPU kernel in plain eager mode, ATen operations otherwise."""
-    if plain_eager(x, weight, bias):
+    """Algorithm 2's fixed affine map ``x * scale + shift`` (autograd through it is exact): the
+    fused one-pass CPU kernel in plain eager mode; torch's own operation for tracers and
+    compilers (exporters fold it into a preceding convolution); ATen operations otherwise."""
+    if fused_candidate(x, weight, bias):  # checked first: the common case pays for nothing else
         y = cpu_kernels.infer(x, weight, bias, running_mean, running_var, eps)
         if y is not None:
             return y
+    if torch._C._get_tracing_state() or torch.compiler.is_compiling():
+        return composite.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     invstd = torch.rsqrt(cast(running_var, compute_dtype(x)) + eps)
     scale, shift = _scale_shift(cast(running_mean, invstd.dtype), invstd, weight, bias)
     return cast(_affine(cast(x, invstd.dtype), shift, scale), x.dtype)
@@ -93,10 +96,6 @@ def batch_norm(
     """The torch backend; arguments are already validated by :mod:`batchnorm.functional`."""
     if training:
         y = training_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
-    elif torch._C._get_tracing_state() or torch.compiler.is_compiling():
-        # torch's operation: exporters and compilers fold it into a preceding convolution
-        y = composite.batch_norm(input, running_mean, running_var, weight, bias, False, momentum,
-                                 eps)
     else:
         y = eval_batch_norm(input, running_mean, running_var, weight, bias, eps)
     return epilogue(y, activation, residual)
