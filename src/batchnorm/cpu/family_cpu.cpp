@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "contiguous.h"
+
 namespace {
 
 using at::Tensor;
@@ -348,8 +350,42 @@ struct GroupedOptions {
   bool sigma_average;            // renorm: average sigma (the paper) instead of the variance
 };
 
+// Whether grouped_train reads x a (group, channel) block at a time (contiguous.h): contiguous
+// planes of S > 1 values, no empty group.
+bool in_blocks(const Shape& sh, const std::vector<int64_t>& sizes) {
+  return !sh.rows && sh.S > 1 &&
+         std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+}
+
+// Calls block(L, offset, k, c, c_end) for every (group g, channel c), k = g C + c, of a contiguous
+// tensor: L the group's samples as a layout of their own (rows = its samples), starting offset
+// values into the tensor, c_end where the task's channels of that group end (prefetching stops
+// there). Threads take ranges of k in order; every block's results are its own, so they do not
+// depend on the number of threads. Streaming stores are fenced at the end of each task.
+template <typename F>
+void for_blocks(const Shape& sh, const std::vector<int64_t>& bounds, bool stream, F&& block) {
+  const int64_t G = int64_t(bounds.size()) - 1, C = sh.C;
+  const int64_t per_block = std::max<int64_t>(1, sh.N * sh.S / std::max<int64_t>(1, G));
+  at::parallel_for(0, G * C, std::max<int64_t>(1, bncpu::kGrainValues / per_block),
+                   [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t g = k / C, c = k % C;
+      const bncpu::Layout L{C, bounds[g + 1] - bounds[g], sh.S, C * sh.S, sh.S};
+      block(L, bounds[g] * C * sh.S, k, c, std::min(C, k1 - g * C));
+    }
+    if (stream) bncpu::stream_fence();
+  });
+}
+
+// Outputs of 16 MB or more are written with streaming stores, as the core's (kernels.h).
+bool streams(const Tensor& out) {
+  return bncpu::kCanStream && out.nbytes() >= size_t(bncpu::kStreamBytes);
+}
+
 // Forward; returns y and fills coef (4, G, C) float64: mean, invstd, r, d. Updates the running
-// statistics in place after r and d are taken from their old values.
+// statistics in place after r and d are taken from their old values. Contiguous planes: each
+// (group, channel) block reduced, then mapped from the cache (for_blocks); otherwise statistics,
+// then the map over the whole tensor.
 template <typename T>
 Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const Opt& rm,
                        const Opt& rv, const GroupedOptions& o, Tensor& coef) {
@@ -361,28 +397,45 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
   double *invstd = mean + G * C, *r = invstd + G * C, *d = r + G * C;
   std::vector<double> var(G * C);
   const T* x = xr.data_ptr<T>();
-  moments<T>(sh, bounds, x, mean, var.data());
   const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias);
   T *run_mean = given(rm) ? rm->data_ptr<T>() : nullptr;
   T *run_var = given(rv) ? rv->data_ptr<T>() : nullptr;
-  Coefs<T> map(G * C);  // y = (x - mu_T) a + o, mu_T = T(mu): exact near mu, rounding in o
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = g * C + c;
-      invstd[k] = 1.0 / std::sqrt(var[k] + o.eps);
-      r[k] = 1.0;
-      d[k] = 0.0;
-      if (o.renorm) {  // Algorithm 1 with the moving averages before this step
-        const double sigma = std::sqrt(double(run_var[c]) + o.eps);
-        r[k] = std::clamp(std::sqrt(var[k] + o.eps) / sigma, 1.0 / o.r_max, o.r_max);
-        d[k] = std::clamp((mean[k] - double(run_mean[c])) / sigma, -o.d_max, o.d_max);
-      }
-      const double gamma = w ? double(w[c]) : 1.0, beta = b ? double(b[c]) : 0.0;
-      const double sc = gamma * r[k] * invstd[k];
-      map.ctr[k] = T(mean[k]);
-      map.a[k] = T(sc);
-      map.o[k] = T(gamma * d[k] + beta - (mean[k] - double(map.ctr[k])) * sc);
+  // (group, channel) k's constants from its mean and var (sets invstd, r, d):
+  // y = (x - mu_T) a + o, mu_T = T(mu): exact near mu, rounding in o
+  const auto constants = [&](int64_t k, int64_t c, T& ctr, T& a, T& off) {
+    invstd[k] = 1.0 / std::sqrt(var[k] + o.eps);
+    r[k] = 1.0;
+    d[k] = 0.0;
+    if (o.renorm) {  // Algorithm 1 with the moving averages before this step
+      const double sigma = std::sqrt(double(run_var[c]) + o.eps);
+      r[k] = std::clamp(std::sqrt(var[k] + o.eps) / sigma, 1.0 / o.r_max, o.r_max);
+      d[k] = std::clamp((mean[k] - double(run_mean[c])) / sigma, -o.d_max, o.d_max);
     }
+    const double gamma = w ? double(w[c]) : 1.0, beta = b ? double(b[c]) : 0.0;
+    const double sc = gamma * r[k] * invstd[k];
+    ctr = T(mean[k]);
+    a = T(sc);
+    off = T(gamma * d[k] + beta - (mean[k] - double(ctr)) * sc);
+  };
+  Tensor y = at::empty_like(xr);
+  T* out = y.data_ptr<T>();
+  const bool blocks = in_blocks(sh, o.sizes);
+  Coefs<T> map(blocks ? 0 : G * C);
+  if (blocks) {
+    const bool stream = streams(y);
+    for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
+                                       int64_t c, int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::ncs_channel_moments<T>(L, x + base, c, c_end, pf, mean[k], var[k]);
+      T ctr, a, off;
+      constants(k, c, ctr, a, off);
+      bncpu::ncs_affine_channel<T>(L, x + base, nullptr, c, pf, ctr, T(0), a, off,
+                                   out + base, stream);
+    });
+  } else {
+    moments<T>(sh, bounds, x, mean, var.data());
+    for (int64_t k = 0; k < G * C; ++k) constants(k, k % C, map.ctr[k], map.a[k], map.o[k]);
+  }
   if (run_mean) {
     for (int64_t g = 0; g < G; ++g) {
       const double f = o.factors[g], m = double(o.sizes[g] * sh.S);
@@ -400,13 +453,13 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
       }
     }
   }
-  Tensor y = at::empty_like(xr);
-  group_map<kForward, kIdentity, T>(sh, group_of_samples(bounds), x, x, map, ActParams<T>{},
-                                    y.data_ptr<T>());
+  if (!blocks)
+    group_map<kForward, kIdentity, T>(sh, group_of_samples(bounds), x, x, map, ActParams<T>{},
+                                      out);
   return y;
 }
 
-// Backward without a graph: (dx or undefined, dgamma, dbeta), x's dtype.
+// Backward without a graph: (dx or undefined, dgamma, dbeta), x's dtype; passes as the forward's.
 template <typename T>
 std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const Opt& weight,
                                      const Tensor& coef, const std::vector<int64_t>& sizes,
@@ -417,37 +470,67 @@ std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const 
   const double* mean = coef.data_ptr<double>();
   const double *invstd = mean + G * C, *r = invstd + G * C, *d = r + G * C;
   const T *x = xr.data_ptr<T>(), *dy = dyr.data_ptr<T>(), *w = ptr_or_null<T>(weight);
-  Coefs<T> map(G * C);  // dx = a dy + b (x - mu_T) + o
-  for (int64_t k = 0; k < G * C; ++k) map.ctr[k] = T(mean[k]);
-  std::vector<double> sums(G * 2 * C);  // sum dy, sum dy (x - mu_T)
-  group_sums<kGradBN, kIdentity, T>(sh, bounds, x, dy, map.ctr.data(), ActParams<T>{},
-                                    sums.data());
-  std::vector<double> dg(C, 0.0), db(C, 0.0);
-  for (int64_t g = 0; g < G; ++g) {
-    const double m = double(sizes[g] * sh.S);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = g * C + c;
-      const double sum_dy = sums[(g * 2) * C + c];
-      const double rounding = mean[k] - double(map.ctr[k]);
-      const double a = invstd[k] * (sums[(g * 2 + 1) * C + c] - rounding * sum_dy);  // sum dy xhat
-      dg[c] += r[k] * a + d[k] * sum_dy;
-      db[c] += sum_dy;
-      const double gn = (w ? double(w[c]) : 1.0) * r[k] * invstd[k];
-      const double k1 = -gn * invstd[k] * a / m;
-      map.a[k] = T(gn);
-      map.b[k] = T(k1);
-      map.o[k] = T(-gn * sum_dy / m - k1 * rounding);
-    }
-  }
+  std::vector<double> sum_dy(G * C), sum_dyxhat(G * C);
+  // (group, channel) k's constants of dx = a dy + b (x - mu_T) + o from its sums of dy and
+  // dy (x - mu_T), mu_T = T(mean) (sets sum_dy, sum_dyxhat)
+  const auto constants = [&](int64_t k, int64_t c, double m, T ctr, double s1, double s2, T& a,
+                             T& slope, T& off) {
+    const double rounding = mean[k] - double(ctr);
+    sum_dy[k] = s1;
+    sum_dyxhat[k] = invstd[k] * (s2 - rounding * s1);
+    const double gn = (w ? double(w[c]) : 1.0) * r[k] * invstd[k];
+    const double k1 = -gn * invstd[k] * sum_dyxhat[k] / m;
+    a = T(gn);
+    slope = T(k1);
+    off = T(-gn * s1 / m - k1 * rounding);
+  };
   Tensor dx;
-  if (need_dx) {
-    dx = at::empty_like(xr);
-    group_map<kGradBN, kIdentity, T>(sh, group_of_samples(bounds), x, dy, map, ActParams<T>{},
-                                     dx.data_ptr<T>());
+  if (need_dx) dx = at::empty_like(xr);
+  T* out = need_dx ? dx.data_ptr<T>() : nullptr;
+  if (in_blocks(sh, sizes)) {
+    const bool stream = need_dx && streams(dx);
+    for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
+                                       int64_t c, int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::GradientSums<T> sums;
+      const T ctr = T(mean[k]);
+      double s1, s2;
+      bncpu::ncs_channel_gradient_sums<T>(L, x + base, dy + base, c, c_end, pf, ctr, sums, s1,
+                                          s2);
+      T a, slope, off;
+      constants(k, c, double(L.per_channel()), ctr, s1, s2, a, slope, off);
+      if (out)
+        bncpu::ncs_affine_channel<T>(L, x + base, dy + base, c, pf, ctr, a, slope, off,
+                                     out + base, stream);
+    });
+  } else {
+    Coefs<T> map(G * C);
+    for (int64_t k = 0; k < G * C; ++k) map.ctr[k] = T(mean[k]);
+    std::vector<double> sums(G * 2 * C);  // sum dy, sum dy (x - mu_T)
+    group_sums<kGradBN, kIdentity, T>(sh, bounds, x, dy, map.ctr.data(), ActParams<T>{},
+                                      sums.data());
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = g * C + c;
+        constants(k, c, double(sizes[g] * sh.S), map.ctr[k], sums[(g * 2) * C + c],
+                  sums[(g * 2 + 1) * C + c], map.a[k], map.b[k], map.o[k]);
+      }
+    if (need_dx)
+      group_map<kGradBN, kIdentity, T>(sh, group_of_samples(bounds), x, dy, map, ActParams<T>{},
+                                       out);
   }
   Tensor dgamma = at::empty({C}, xr.options()), dbeta = at::empty({C}, xr.options());
-  std::copy(dg.begin(), dg.end(), dgamma.data_ptr<T>());
-  std::copy(db.begin(), db.end(), dbeta.data_ptr<T>());
+  T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {  // over the groups in order
+    double sg = 0.0, sb = 0.0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = g * C + c;
+      sg += r[k] * sum_dyxhat[k] + d[k] * sum_dy[k];
+      sb += sum_dy[k];
+    }
+    dg[c] = T(sg);
+    db[c] = T(sb);
+  }
   return {dx, dgamma, dbeta};
 }
 
