@@ -139,6 +139,55 @@ inline T map_of(T u, T v, T ctr, T a, T b, T o, const ActParams<T>& p) {
   }
 }
 
+// Both sums of pair_of over rows runs of S contiguous values, run i at u + i stride (and
+// v + i stride), in double: summed in T over short chunks into independent partial sums, each
+// chunk's total added in double. q by value: read through a reference, its fields would be
+// reloaded after every store, which keeps the loops from vectorizing.
+template <Formula F, Act A, typename T>
+inline void block_sums(const T* u, const T* v, int64_t rows, int64_t stride, int64_t S, T k,
+                       const ActParams<T> q, double& s1, double& s2) {
+  s1 = 0.0, s2 = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* ur = u + i * stride;
+    const T* vr = v + i * stride;
+    for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
+      const int64_t j1 = std::min(S, j0 + kChunk);
+      T l1[kLanes] = {}, l2[kLanes] = {};
+      int64_t j = j0;
+      for (; j + kLanes <= j1; j += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          T a, b;
+          pair_of<F, A>(ur[j + l], vr[j + l], k, q, a, b);
+          l1[l] += a;
+          l2[l] += b;
+        }
+      }
+      for (int l = 0; j < j1; ++j, ++l) {
+        T a, b;
+        pair_of<F, A>(ur[j], vr[j], k, q, a, b);
+        l1[l] += a;
+        l2[l] += b;
+      }
+      T c1 = 0, c2 = 0;
+      for (int l = 0; l < kLanes; ++l) {
+        c1 += l1[l];
+        c2 += l2[l];
+      }
+      s1 += double(c1);
+      s2 += double(c2);
+    }
+  }
+}
+
+// res[j] = map_of(u[j], v[j], ...) for j < S.
+template <Formula F, Act A, typename T>
+inline void map_run(const T* ur, const T* vr, int64_t S, T ctr, T a, T b, T o,
+                    const ActParams<T> q, T* res) {
+#pragma omp simd
+  for (int64_t j = 0; j < S; ++j) res[j] = map_of<F, A>(ur[j], vr[j], ctr, a, b, o, q);
+}
+
 // Both sums of pair_of per (group, channel): out[(g 2 + q) C + c], in double. Values are summed
 // in T over short chunks into independent partial sums, each chunk's total added in double.
 template <Formula F, Act A, typename T>
@@ -148,44 +197,12 @@ void group_sums(const Shape& sh, const std::vector<int64_t>& bounds, const T* u,
   if (!sh.rows) {  // planes: a task per (group, channel), runs of S contiguous values
     const int64_t per_task = std::max<int64_t>(1, sh.N * S / std::max<int64_t>(1, G));
     at::parallel_for(0, G * C, std::max<int64_t>(1, kWork / per_task), [&](int64_t t0, int64_t t1) {
-      // a local copy: read through a reference, its fields would be reloaded after every store,
-      // which keeps the loops from vectorizing
-      const ActParams<T> q = p;
+      const ActParams<T> q = p;  // a local copy (see block_sums)
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / C, c = t % C;
-        const T k = ctr[t];
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t n = bounds[g]; n < bounds[g + 1]; ++n) {
-          const T* ur = u + (n * C + c) * S;
-          const T* vr = v + (n * C + c) * S;
-          for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
-            const int64_t j1 = std::min(S, j0 + kChunk);
-            T l1[kLanes] = {}, l2[kLanes] = {};
-            int64_t j = j0;
-            for (; j + kLanes <= j1; j += kLanes) {
-#pragma omp simd
-              for (int l = 0; l < kLanes; ++l) {
-                T a, b;
-                pair_of<F, A>(ur[j + l], vr[j + l], k, q, a, b);
-                l1[l] += a;
-                l2[l] += b;
-              }
-            }
-            for (int l = 0; j < j1; ++j, ++l) {
-              T a, b;
-              pair_of<F, A>(ur[j], vr[j], k, q, a, b);
-              l1[l] += a;
-              l2[l] += b;
-            }
-            T c1 = 0, c2 = 0;
-            for (int l = 0; l < kLanes; ++l) {
-              c1 += l1[l];
-              c2 += l2[l];
-            }
-            s1 += double(c1);
-            s2 += double(c2);
-          }
-        }
+        double s1, s2;
+        block_sums<F, A, T>(u + (bounds[g] * C + c) * S, v + (bounds[g] * C + c) * S,
+                            bounds[g + 1] - bounds[g], C * S, S, ctr[t], q, s1, s2);
         out[(g * 2) * C + c] = s1;
         out[(g * 2 + 1) * C + c] = s2;
       }
@@ -254,11 +271,7 @@ void group_map(const Shape& sh, const std::vector<int64_t>& group_of_sample, con
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t gc = group_of_sample[t / C] * C + t % C;
         const T ctr = k.ctr[gc], a = k.a[gc], b = k.b[gc], o = k.o[gc];  // locals: no reloads
-        const T* ur = u + t * S;
-        const T* vr = v + t * S;
-        T* res = out + t * S;
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) res[j] = map_of<F, A>(ur[j], vr[j], ctr, a, b, o, q);
+        map_run<F, A, T>(u + t * S, v + t * S, S, ctr, a, b, o, q, out + t * S);
       }
     });
     return;
@@ -665,7 +678,8 @@ void with_activation(int64_t act, Body&& body) {
 inline double positive_gamma(double w, double eps) { return std::abs(w) + eps; }
 
 // Forward into out (x itself for in place); returns invstd (C,) in x's dtype. The weight is the
-// raw gamma; the layer uses |gamma| + eps.
+// raw gamma; the layer uses |gamma| + eps. Contiguous planes: channel by channel, reduced then
+// mapped from the cache (for_blocks); otherwise statistics, then the map over the whole tensor.
 template <Act A, typename T>
 Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const Opt& rm,
                    const Opt& rv, double momentum, double eps, const ActParams<T>& p,
@@ -675,18 +689,35 @@ Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const O
   const int64_t C = sh.C, m = sh.N * sh.S;
   std::vector<double> mean(C), var(C);
   const T* x = xr.data_ptr<T>();
-  moments<T>(sh, bounds, x, mean.data(), var.data());
+  T* z = out.data_ptr<T>();
   const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias);
   Tensor invstd = at::empty({C}, xr.options());
   T* is = invstd.data_ptr<T>();
   Coefs<T> map(C);  // z = f((x - mu_T) a + o)
-  for (int64_t c = 0; c < C; ++c) {
+  const auto constants = [&](int64_t c) {
     const double inv = 1.0 / std::sqrt(var[c] + eps);
     const double sc = (w ? positive_gamma(double(w[c]), eps) : 1.0) * inv;
     is[c] = T(inv);
     map.ctr[c] = T(mean[c]);
     map.a[c] = T(sc);
     map.o[c] = T((b ? double(b[c]) : 0.0) - (mean[c] - double(map.ctr[c])) * sc);
+  };
+  const bool blocks = in_blocks(sh, {sh.N});
+  if (blocks) {
+    for_blocks(sh, bounds, false, [&](const bncpu::Layout& L, int64_t, int64_t, int64_t c,
+                                      int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::ncs_channel_moments<T>(L, x, c, c_end, pf, mean[c], var[c]);
+      constants(c);
+      for (int64_t n = 0; n < sh.N; ++n) {
+        const int64_t base = (n * C + c) * sh.S;
+        map_run<kForward, A, T>(x + base, x + base, sh.S, map.ctr[c], map.a[c], T(0), map.o[c],
+                                p, z + base);
+      }
+    });
+  } else {
+    moments<T>(sh, bounds, x, mean.data(), var.data());
+    for (int64_t c = 0; c < C; ++c) constants(c);
   }
   if (given(rm)) {
     T *run_mean = rm->data_ptr<T>(), *run_var = rv->data_ptr<T>();
@@ -696,14 +727,13 @@ Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const O
                      momentum * (var[c] * double(m) / double(m - 1) - double(run_var[c])));
     }
   }
-  group_map<kForward, A, T>(sh, std::vector<int64_t>(sh.N, 0), x, x, map, p,
-                            out.data_ptr<T>());
+  if (!blocks) group_map<kForward, A, T>(sh, std::vector<int64_t>(sh.N, 0), x, x, map, p, z);
   return invstd;
 }
 
 // Backward from z without a graph: (dx, dweight, dbeta), with dweight = sign(w) dL/dgamma
 // (0 at w = 0, as torch's abs). dinvstd (or undefined) is the gradient reaching the returned
-// invstd: dinvstd/dx = -invstd^2 xhat / m.
+// invstd: dinvstd/dx = -invstd^2 xhat / m. Passes as the forward's.
 template <Act A, typename T>
 std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt& weight,
                                  const Opt& bias, const Tensor& invstd_t, const Tensor& dinvstd,
@@ -717,11 +747,10 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
   Coefs<T> map(C);  // dx = a dz f'(z) + b (f^-1(z) - beta) + o
   for (int64_t c = 0; c < C; ++c) map.ctr[c] = b ? b[c] : T(0);
   std::vector<double> sums(2 * C);  // sum dy, sum dy (y - beta)
-  group_sums<kGradABN, A, T>(sh, bounds, z, dz, map.ctr.data(), p, sums.data());
   Tensor dgamma = at::empty({C}, zr.options()), dbeta = at::empty({C}, zr.options());
   T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
   const Tensor di = dinvstd.defined() ? dinvstd.to(at::kDouble).contiguous() : Tensor();
-  for (int64_t c = 0; c < C; ++c) {
+  const auto constants = [&](int64_t c) {
     const double g = w ? positive_gamma(double(w[c]), eps) : 1.0, inv = double(is[c]);
     const double dgam = sums[C + c] / g;  // sum dy xhat = dL/dgamma
     dg[c] = w ? T(w[c] > T(0) ? dgam : (w[c] < T(0) ? -dgam : 0.0)) : T(dgam);
@@ -731,10 +760,27 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
     map.a[c] = T(g * inv);
     map.b[c] = T(k1);
     map.o[c] = T(-g * inv * sums[c] / m);
-  }
+  };
   Tensor dx = at::empty_like(zr);
-  group_map<kGradABN, A, T>(sh, std::vector<int64_t>(sh.N, 0), z, dz, map, p,
-                            dx.data_ptr<T>());
+  T* out = dx.data_ptr<T>();
+  if (in_blocks(sh, {sh.N})) {
+    const int64_t S = sh.S;
+    for_blocks(sh, bounds, false, [&](const bncpu::Layout&, int64_t, int64_t, int64_t c,
+                                      int64_t) {
+      block_sums<kGradABN, A, T>(z + c * S, dz + c * S, sh.N, C * S, S, map.ctr[c], p, sums[c],
+                                 sums[C + c]);
+      constants(c);
+      for (int64_t n = 0; n < sh.N; ++n) {
+        const int64_t base = (n * C + c) * S;
+        map_run<kGradABN, A, T>(z + base, dz + base, S, map.ctr[c], map.a[c], map.b[c],
+                                map.o[c], p, out + base);
+      }
+    });
+  } else {
+    group_sums<kGradABN, A, T>(sh, bounds, z, dz, map.ctr.data(), p, sums.data());
+    for (int64_t c = 0; c < C; ++c) constants(c);
+    group_map<kGradABN, A, T>(sh, std::vector<int64_t>(sh.N, 0), z, dz, map, p, out);
+  }
   return {dx, dgamma, dbeta};
 }
 
