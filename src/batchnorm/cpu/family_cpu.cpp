@@ -19,10 +19,15 @@
 //
 // Memory. A tensor is read where it lies when it is contiguous ("planes": channel c of sample n
 // is S contiguous values) or channels-last / 2-D ("rows": each position holds its C channels side
-// by side); anything else is copied to contiguous first. Statistics take one pass over x (sums of
-// x - K and (x - K)^2, K a value of the same group and channel, so no large offset cancels; short
-// chunks summed in T, their totals in double); the affine map another. Sums run in an order fixed
-// by the shape, so results do not depend on the number of threads.
+// by side); anything else is copied to contiguous first. Planes with S > 1 are read once per
+// direction, as the core's kernels do (contiguous.h): threads take (group, channel) blocks (a
+// group's samples' planes of one channel, tens of KB, for_blocks), each reduced, then rewritten
+// from the core's cache as the output. Forward statistics are the core's (shifted sums re-based
+// in double, see train.cpp); the backwards' sums are of dy and dy (x - mu) (in-place ABN: of
+// dy and dy (y - beta), from z). Rows take one pass for the sums and one for the map: statistics
+// as sums of x - K and (x - K)^2, K a value of the same group and channel, so no large offset
+// cancels; short chunks summed in T, their totals in double. Sums run in an order fixed by the
+// shape, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
 
