@@ -22,6 +22,8 @@ import torch
 from batchnorm.backends import plain_eager
 
 SOURCE = Path(__file__).parent.parent / "cpu" / "family_cpu.cpp"
+#: the core's headers it includes (part of the extension's name)
+HEADERS = tuple(SOURCE.parent / name for name in ("kernels.h", "contiguous.h"))
 ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
 _loaded: dict = {}
 
@@ -34,7 +36,7 @@ def _load():
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     _loaded["module"] = compile_extension("batchnorm_family", SOURCE, flags,
-                                          "batchnorm.variants")
+                                          "batchnorm.variants", HEADERS)
     return _loaded["module"]
 
 

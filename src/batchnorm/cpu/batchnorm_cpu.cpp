@@ -4,6 +4,8 @@
 //                             and the passes over memory and threads, in words
 //   batchnorm_cpu.h           the tensor-level entry points this file calls, their helpers
 //   train.cpp                 training forward and backward on tensors, with the formulas
+//   contiguous.h              their pieces for contiguous (N, C, S) inputs: a channel reduced,
+//                             then rewritten from cache (the BN family's kernels use them too)
 //   train_contiguous.cpp      training kernels for contiguous (N, C, S) inputs
 //   train_channels_last.cpp   training kernels for (M, C) rows: 2-D and channels-last inputs
 //   eval.cpp                  the eval (inference) forward, one pass

@@ -19,10 +19,15 @@
 //
 // Memory. A tensor is read where it lies when it is contiguous ("planes": channel c of sample n
 // is S contiguous values) or channels-last / 2-D ("rows": each position holds its C channels side
-// by side); anything else is copied to contiguous first. Statistics take one pass over x (sums of
-// x - K and (x - K)^2, K a value of the same group and channel, so no large offset cancels; short
-// chunks summed in T, their totals in double); the affine map another. Sums run in an order fixed
-// by the shape, so results do not depend on the number of threads.
+// by side); anything else is copied to contiguous first. Planes with S > 1 are read once per
+// direction, as the core's kernels do (contiguous.h): threads take (group, channel) blocks (a
+// group's samples' planes of one channel, tens of KB, for_blocks), each reduced, then rewritten
+// from the core's cache as the output. Forward statistics are the core's (shifted sums re-based
+// in double, see train.cpp); the backwards' sums are of dy and dy (x - mu) (in-place ABN: of
+// dy and dy (y - beta), from z). Rows take one pass for the sums and one for the map: statistics
+// as sums of x - K and (x - K)^2, K a value of the same group and channel, so no large offset
+// cancels; short chunks summed in T, their totals in double. Sums run in an order fixed by the
+// shape, so results do not depend on the number of threads.
 
 #include <torch/extension.h>
 
@@ -32,6 +37,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "contiguous.h"
 
 namespace {
 
@@ -137,6 +144,55 @@ inline T map_of(T u, T v, T ctr, T a, T b, T o, const ActParams<T>& p) {
   }
 }
 
+// Both sums of pair_of over rows runs of S contiguous values, run i at u + i stride (and
+// v + i stride), in double: summed in T over short chunks into independent partial sums, each
+// chunk's total added in double. q by value: read through a reference, its fields would be
+// reloaded after every store, which keeps the loops from vectorizing.
+template <Formula F, Act A, typename T>
+inline void block_sums(const T* u, const T* v, int64_t rows, int64_t stride, int64_t S, T k,
+                       const ActParams<T> q, double& s1, double& s2) {
+  s1 = 0.0, s2 = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* ur = u + i * stride;
+    const T* vr = v + i * stride;
+    for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
+      const int64_t j1 = std::min(S, j0 + kChunk);
+      T l1[kLanes] = {}, l2[kLanes] = {};
+      int64_t j = j0;
+      for (; j + kLanes <= j1; j += kLanes) {
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) {
+          T a, b;
+          pair_of<F, A>(ur[j + l], vr[j + l], k, q, a, b);
+          l1[l] += a;
+          l2[l] += b;
+        }
+      }
+      for (int l = 0; j < j1; ++j, ++l) {
+        T a, b;
+        pair_of<F, A>(ur[j], vr[j], k, q, a, b);
+        l1[l] += a;
+        l2[l] += b;
+      }
+      T c1 = 0, c2 = 0;
+      for (int l = 0; l < kLanes; ++l) {
+        c1 += l1[l];
+        c2 += l2[l];
+      }
+      s1 += double(c1);
+      s2 += double(c2);
+    }
+  }
+}
+
+// res[j] = map_of(u[j], v[j], ...) for j < S.
+template <Formula F, Act A, typename T>
+inline void map_run(const T* ur, const T* vr, int64_t S, T ctr, T a, T b, T o,
+                    const ActParams<T> q, T* res) {
+#pragma omp simd
+  for (int64_t j = 0; j < S; ++j) res[j] = map_of<F, A>(ur[j], vr[j], ctr, a, b, o, q);
+}
+
 // Both sums of pair_of per (group, channel): out[(g 2 + q) C + c], in double. Values are summed
 // in T over short chunks into independent partial sums, each chunk's total added in double.
 template <Formula F, Act A, typename T>
@@ -146,44 +202,12 @@ void group_sums(const Shape& sh, const std::vector<int64_t>& bounds, const T* u,
   if (!sh.rows) {  // planes: a task per (group, channel), runs of S contiguous values
     const int64_t per_task = std::max<int64_t>(1, sh.N * S / std::max<int64_t>(1, G));
     at::parallel_for(0, G * C, std::max<int64_t>(1, kWork / per_task), [&](int64_t t0, int64_t t1) {
-      // a local copy: read through a reference, its fields would be reloaded after every store,
-      // which keeps the loops from vectorizing
-      const ActParams<T> q = p;
+      const ActParams<T> q = p;  // a local copy (see block_sums)
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t g = t / C, c = t % C;
-        const T k = ctr[t];
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t n = bounds[g]; n < bounds[g + 1]; ++n) {
-          const T* ur = u + (n * C + c) * S;
-          const T* vr = v + (n * C + c) * S;
-          for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
-            const int64_t j1 = std::min(S, j0 + kChunk);
-            T l1[kLanes] = {}, l2[kLanes] = {};
-            int64_t j = j0;
-            for (; j + kLanes <= j1; j += kLanes) {
-#pragma omp simd
-              for (int l = 0; l < kLanes; ++l) {
-                T a, b;
-                pair_of<F, A>(ur[j + l], vr[j + l], k, q, a, b);
-                l1[l] += a;
-                l2[l] += b;
-              }
-            }
-            for (int l = 0; j < j1; ++j, ++l) {
-              T a, b;
-              pair_of<F, A>(ur[j], vr[j], k, q, a, b);
-              l1[l] += a;
-              l2[l] += b;
-            }
-            T c1 = 0, c2 = 0;
-            for (int l = 0; l < kLanes; ++l) {
-              c1 += l1[l];
-              c2 += l2[l];
-            }
-            s1 += double(c1);
-            s2 += double(c2);
-          }
-        }
+        double s1, s2;
+        block_sums<F, A, T>(u + (bounds[g] * C + c) * S, v + (bounds[g] * C + c) * S,
+                            bounds[g + 1] - bounds[g], C * S, S, ctr[t], q, s1, s2);
         out[(g * 2) * C + c] = s1;
         out[(g * 2 + 1) * C + c] = s2;
       }
@@ -252,11 +276,7 @@ void group_map(const Shape& sh, const std::vector<int64_t>& group_of_sample, con
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t gc = group_of_sample[t / C] * C + t % C;
         const T ctr = k.ctr[gc], a = k.a[gc], b = k.b[gc], o = k.o[gc];  // locals: no reloads
-        const T* ur = u + t * S;
-        const T* vr = v + t * S;
-        T* res = out + t * S;
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) res[j] = map_of<F, A>(ur[j], vr[j], ctr, a, b, o, q);
+        map_run<F, A, T>(u + t * S, v + t * S, S, ctr, a, b, o, q, out + t * S);
       }
     });
     return;
@@ -348,8 +368,42 @@ struct GroupedOptions {
   bool sigma_average;            // renorm: average sigma (the paper) instead of the variance
 };
 
+// Whether grouped_train reads x a (group, channel) block at a time (contiguous.h): contiguous
+// planes of S > 1 values, no empty group.
+bool in_blocks(const Shape& sh, const std::vector<int64_t>& sizes) {
+  return !sh.rows && sh.S > 1 &&
+         std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+}
+
+// Calls block(L, offset, k, c, c_end) for every (group g, channel c), k = g C + c, of a contiguous
+// tensor: L the group's samples as a layout of their own (rows = its samples), starting offset
+// values into the tensor, c_end where the task's channels of that group end (prefetching stops
+// there). Threads take ranges of k in order; every block's results are its own, so they do not
+// depend on the number of threads. Streaming stores are fenced at the end of each task.
+template <typename F>
+void for_blocks(const Shape& sh, const std::vector<int64_t>& bounds, bool stream, F&& block) {
+  const int64_t G = int64_t(bounds.size()) - 1, C = sh.C;
+  const int64_t per_block = std::max<int64_t>(1, sh.N * sh.S / std::max<int64_t>(1, G));
+  at::parallel_for(0, G * C, std::max<int64_t>(1, bncpu::kGrainValues / per_block),
+                   [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t g = k / C, c = k % C;
+      const bncpu::Layout L{C, bounds[g + 1] - bounds[g], sh.S, C * sh.S, sh.S};
+      block(L, bounds[g] * C * sh.S, k, c, std::min(C, k1 - g * C));
+    }
+    if (stream) bncpu::stream_fence();
+  });
+}
+
+// Outputs of 16 MB or more are written with streaming stores, as the core's (kernels.h).
+bool streams(const Tensor& out) {
+  return bncpu::kCanStream && out.nbytes() >= size_t(bncpu::kStreamBytes);
+}
+
 // Forward; returns y and fills coef (4, G, C) float64: mean, invstd, r, d. Updates the running
-// statistics in place after r and d are taken from their old values.
+// statistics in place after r and d are taken from their old values. Contiguous planes: each
+// (group, channel) block reduced, then mapped from the cache (for_blocks); otherwise statistics,
+// then the map over the whole tensor.
 template <typename T>
 Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const Opt& rm,
                        const Opt& rv, const GroupedOptions& o, Tensor& coef) {
@@ -361,28 +415,45 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
   double *invstd = mean + G * C, *r = invstd + G * C, *d = r + G * C;
   std::vector<double> var(G * C);
   const T* x = xr.data_ptr<T>();
-  moments<T>(sh, bounds, x, mean, var.data());
   const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias);
   T *run_mean = given(rm) ? rm->data_ptr<T>() : nullptr;
   T *run_var = given(rv) ? rv->data_ptr<T>() : nullptr;
-  Coefs<T> map(G * C);  // y = (x - mu_T) a + o, mu_T = T(mu): exact near mu, rounding in o
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = g * C + c;
-      invstd[k] = 1.0 / std::sqrt(var[k] + o.eps);
-      r[k] = 1.0;
-      d[k] = 0.0;
-      if (o.renorm) {  // Algorithm 1 with the moving averages before this step
-        const double sigma = std::sqrt(double(run_var[c]) + o.eps);
-        r[k] = std::clamp(std::sqrt(var[k] + o.eps) / sigma, 1.0 / o.r_max, o.r_max);
-        d[k] = std::clamp((mean[k] - double(run_mean[c])) / sigma, -o.d_max, o.d_max);
-      }
-      const double gamma = w ? double(w[c]) : 1.0, beta = b ? double(b[c]) : 0.0;
-      const double sc = gamma * r[k] * invstd[k];
-      map.ctr[k] = T(mean[k]);
-      map.a[k] = T(sc);
-      map.o[k] = T(gamma * d[k] + beta - (mean[k] - double(map.ctr[k])) * sc);
+  // (group, channel) k's constants from its mean and var (sets invstd, r, d):
+  // y = (x - mu_T) a + o, mu_T = T(mu): exact near mu, rounding in o
+  const auto constants = [&](int64_t k, int64_t c, T& ctr, T& a, T& off) {
+    invstd[k] = 1.0 / std::sqrt(var[k] + o.eps);
+    r[k] = 1.0;
+    d[k] = 0.0;
+    if (o.renorm) {  // Algorithm 1 with the moving averages before this step
+      const double sigma = std::sqrt(double(run_var[c]) + o.eps);
+      r[k] = std::clamp(std::sqrt(var[k] + o.eps) / sigma, 1.0 / o.r_max, o.r_max);
+      d[k] = std::clamp((mean[k] - double(run_mean[c])) / sigma, -o.d_max, o.d_max);
     }
+    const double gamma = w ? double(w[c]) : 1.0, beta = b ? double(b[c]) : 0.0;
+    const double sc = gamma * r[k] * invstd[k];
+    ctr = T(mean[k]);
+    a = T(sc);
+    off = T(gamma * d[k] + beta - (mean[k] - double(ctr)) * sc);
+  };
+  Tensor y = at::empty_like(xr);
+  T* out = y.data_ptr<T>();
+  const bool blocks = in_blocks(sh, o.sizes);
+  Coefs<T> map(blocks ? 0 : G * C);
+  if (blocks) {
+    const bool stream = streams(y);
+    for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
+                                       int64_t c, int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::ncs_channel_moments<T>(L, x + base, c, c_end, pf, mean[k], var[k]);
+      T ctr, a, off;
+      constants(k, c, ctr, a, off);
+      bncpu::ncs_affine_channel<T>(L, x + base, nullptr, c, pf, ctr, T(0), a, off,
+                                   out + base, stream);
+    });
+  } else {
+    moments<T>(sh, bounds, x, mean, var.data());
+    for (int64_t k = 0; k < G * C; ++k) constants(k, k % C, map.ctr[k], map.a[k], map.o[k]);
+  }
   if (run_mean) {
     for (int64_t g = 0; g < G; ++g) {
       const double f = o.factors[g], m = double(o.sizes[g] * sh.S);
@@ -400,13 +471,13 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
       }
     }
   }
-  Tensor y = at::empty_like(xr);
-  group_map<kForward, kIdentity, T>(sh, group_of_samples(bounds), x, x, map, ActParams<T>{},
-                                    y.data_ptr<T>());
+  if (!blocks)
+    group_map<kForward, kIdentity, T>(sh, group_of_samples(bounds), x, x, map, ActParams<T>{},
+                                      out);
   return y;
 }
 
-// Backward without a graph: (dx or undefined, dgamma, dbeta), x's dtype.
+// Backward without a graph: (dx or undefined, dgamma, dbeta), x's dtype; passes as the forward's.
 template <typename T>
 std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const Opt& weight,
                                      const Tensor& coef, const std::vector<int64_t>& sizes,
@@ -417,37 +488,67 @@ std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const 
   const double* mean = coef.data_ptr<double>();
   const double *invstd = mean + G * C, *r = invstd + G * C, *d = r + G * C;
   const T *x = xr.data_ptr<T>(), *dy = dyr.data_ptr<T>(), *w = ptr_or_null<T>(weight);
-  Coefs<T> map(G * C);  // dx = a dy + b (x - mu_T) + o
-  for (int64_t k = 0; k < G * C; ++k) map.ctr[k] = T(mean[k]);
-  std::vector<double> sums(G * 2 * C);  // sum dy, sum dy (x - mu_T)
-  group_sums<kGradBN, kIdentity, T>(sh, bounds, x, dy, map.ctr.data(), ActParams<T>{},
-                                    sums.data());
-  std::vector<double> dg(C, 0.0), db(C, 0.0);
-  for (int64_t g = 0; g < G; ++g) {
-    const double m = double(sizes[g] * sh.S);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = g * C + c;
-      const double sum_dy = sums[(g * 2) * C + c];
-      const double rounding = mean[k] - double(map.ctr[k]);
-      const double a = invstd[k] * (sums[(g * 2 + 1) * C + c] - rounding * sum_dy);  // sum dy xhat
-      dg[c] += r[k] * a + d[k] * sum_dy;
-      db[c] += sum_dy;
-      const double gn = (w ? double(w[c]) : 1.0) * r[k] * invstd[k];
-      const double k1 = -gn * invstd[k] * a / m;
-      map.a[k] = T(gn);
-      map.b[k] = T(k1);
-      map.o[k] = T(-gn * sum_dy / m - k1 * rounding);
-    }
-  }
+  std::vector<double> sum_dy(G * C), sum_dyxhat(G * C);
+  // (group, channel) k's constants of dx = a dy + b (x - mu_T) + o from its sums of dy and
+  // dy (x - mu_T), mu_T = T(mean) (sets sum_dy, sum_dyxhat)
+  const auto constants = [&](int64_t k, int64_t c, double m, T ctr, double s1, double s2, T& a,
+                             T& slope, T& off) {
+    const double rounding = mean[k] - double(ctr);
+    sum_dy[k] = s1;
+    sum_dyxhat[k] = invstd[k] * (s2 - rounding * s1);
+    const double gn = (w ? double(w[c]) : 1.0) * r[k] * invstd[k];
+    const double k1 = -gn * invstd[k] * sum_dyxhat[k] / m;
+    a = T(gn);
+    slope = T(k1);
+    off = T(-gn * s1 / m - k1 * rounding);
+  };
   Tensor dx;
-  if (need_dx) {
-    dx = at::empty_like(xr);
-    group_map<kGradBN, kIdentity, T>(sh, group_of_samples(bounds), x, dy, map, ActParams<T>{},
-                                     dx.data_ptr<T>());
+  if (need_dx) dx = at::empty_like(xr);
+  T* out = need_dx ? dx.data_ptr<T>() : nullptr;
+  if (in_blocks(sh, sizes)) {
+    const bool stream = need_dx && streams(dx);
+    for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
+                                       int64_t c, int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::GradientSums<T> sums;
+      const T ctr = T(mean[k]);
+      double s1, s2;
+      bncpu::ncs_channel_gradient_sums<T>(L, x + base, dy + base, c, c_end, pf, ctr, sums, s1,
+                                          s2);
+      T a, slope, off;
+      constants(k, c, double(L.per_channel()), ctr, s1, s2, a, slope, off);
+      if (out)
+        bncpu::ncs_affine_channel<T>(L, x + base, dy + base, c, pf, ctr, a, slope, off,
+                                     out + base, stream);
+    });
+  } else {
+    Coefs<T> map(G * C);
+    for (int64_t k = 0; k < G * C; ++k) map.ctr[k] = T(mean[k]);
+    std::vector<double> sums(G * 2 * C);  // sum dy, sum dy (x - mu_T)
+    group_sums<kGradBN, kIdentity, T>(sh, bounds, x, dy, map.ctr.data(), ActParams<T>{},
+                                      sums.data());
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = g * C + c;
+        constants(k, c, double(sizes[g] * sh.S), map.ctr[k], sums[(g * 2) * C + c],
+                  sums[(g * 2 + 1) * C + c], map.a[k], map.b[k], map.o[k]);
+      }
+    if (need_dx)
+      group_map<kGradBN, kIdentity, T>(sh, group_of_samples(bounds), x, dy, map, ActParams<T>{},
+                                       out);
   }
   Tensor dgamma = at::empty({C}, xr.options()), dbeta = at::empty({C}, xr.options());
-  std::copy(dg.begin(), dg.end(), dgamma.data_ptr<T>());
-  std::copy(db.begin(), db.end(), dbeta.data_ptr<T>());
+  T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {  // over the groups in order
+    double sg = 0.0, sb = 0.0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k = g * C + c;
+      sg += r[k] * sum_dyxhat[k] + d[k] * sum_dy[k];
+      sb += sum_dy[k];
+    }
+    dg[c] = T(sg);
+    db[c] = T(sb);
+  }
   return {dx, dgamma, dbeta};
 }
 
@@ -582,7 +683,8 @@ void with_activation(int64_t act, Body&& body) {
 inline double positive_gamma(double w, double eps) { return std::abs(w) + eps; }
 
 // Forward into out (x itself for in place); returns invstd (C,) in x's dtype. The weight is the
-// raw gamma; the layer uses |gamma| + eps.
+// raw gamma; the layer uses |gamma| + eps. Contiguous planes: channel by channel, reduced then
+// mapped from the cache (for_blocks); otherwise statistics, then the map over the whole tensor.
 template <Act A, typename T>
 Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const Opt& rm,
                    const Opt& rv, double momentum, double eps, const ActParams<T>& p,
@@ -592,18 +694,35 @@ Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const O
   const int64_t C = sh.C, m = sh.N * sh.S;
   std::vector<double> mean(C), var(C);
   const T* x = xr.data_ptr<T>();
-  moments<T>(sh, bounds, x, mean.data(), var.data());
+  T* z = out.data_ptr<T>();
   const T *w = ptr_or_null<T>(weight), *b = ptr_or_null<T>(bias);
   Tensor invstd = at::empty({C}, xr.options());
   T* is = invstd.data_ptr<T>();
   Coefs<T> map(C);  // z = f((x - mu_T) a + o)
-  for (int64_t c = 0; c < C; ++c) {
+  const auto constants = [&](int64_t c) {
     const double inv = 1.0 / std::sqrt(var[c] + eps);
     const double sc = (w ? positive_gamma(double(w[c]), eps) : 1.0) * inv;
     is[c] = T(inv);
     map.ctr[c] = T(mean[c]);
     map.a[c] = T(sc);
     map.o[c] = T((b ? double(b[c]) : 0.0) - (mean[c] - double(map.ctr[c])) * sc);
+  };
+  const bool blocks = in_blocks(sh, {sh.N});
+  if (blocks) {
+    for_blocks(sh, bounds, false, [&](const bncpu::Layout& L, int64_t, int64_t, int64_t c,
+                                      int64_t c_end) {
+      const bncpu::Prefetch<T> pf(L);
+      bncpu::ncs_channel_moments<T>(L, x, c, c_end, pf, mean[c], var[c]);
+      constants(c);
+      for (int64_t n = 0; n < sh.N; ++n) {
+        const int64_t base = (n * C + c) * sh.S;
+        map_run<kForward, A, T>(x + base, x + base, sh.S, map.ctr[c], map.a[c], T(0), map.o[c],
+                                p, z + base);
+      }
+    });
+  } else {
+    moments<T>(sh, bounds, x, mean.data(), var.data());
+    for (int64_t c = 0; c < C; ++c) constants(c);
   }
   if (given(rm)) {
     T *run_mean = rm->data_ptr<T>(), *run_var = rv->data_ptr<T>();
@@ -613,14 +732,13 @@ Tensor abn_forward(const Tensor& xr, const Opt& weight, const Opt& bias, const O
                      momentum * (var[c] * double(m) / double(m - 1) - double(run_var[c])));
     }
   }
-  group_map<kForward, A, T>(sh, std::vector<int64_t>(sh.N, 0), x, x, map, p,
-                            out.data_ptr<T>());
+  if (!blocks) group_map<kForward, A, T>(sh, std::vector<int64_t>(sh.N, 0), x, x, map, p, z);
   return invstd;
 }
 
 // Backward from z without a graph: (dx, dweight, dbeta), with dweight = sign(w) dL/dgamma
 // (0 at w = 0, as torch's abs). dinvstd (or undefined) is the gradient reaching the returned
-// invstd: dinvstd/dx = -invstd^2 xhat / m.
+// invstd: dinvstd/dx = -invstd^2 xhat / m. Passes as the forward's.
 template <Act A, typename T>
 std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt& weight,
                                  const Opt& bias, const Tensor& invstd_t, const Tensor& dinvstd,
@@ -634,11 +752,10 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
   Coefs<T> map(C);  // dx = a dz f'(z) + b (f^-1(z) - beta) + o
   for (int64_t c = 0; c < C; ++c) map.ctr[c] = b ? b[c] : T(0);
   std::vector<double> sums(2 * C);  // sum dy, sum dy (y - beta)
-  group_sums<kGradABN, A, T>(sh, bounds, z, dz, map.ctr.data(), p, sums.data());
   Tensor dgamma = at::empty({C}, zr.options()), dbeta = at::empty({C}, zr.options());
   T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
   const Tensor di = dinvstd.defined() ? dinvstd.to(at::kDouble).contiguous() : Tensor();
-  for (int64_t c = 0; c < C; ++c) {
+  const auto constants = [&](int64_t c) {
     const double g = w ? positive_gamma(double(w[c]), eps) : 1.0, inv = double(is[c]);
     const double dgam = sums[C + c] / g;  // sum dy xhat = dL/dgamma
     dg[c] = w ? T(w[c] > T(0) ? dgam : (w[c] < T(0) ? -dgam : 0.0)) : T(dgam);
@@ -648,10 +765,27 @@ std::vector<Tensor> abn_backward(const Tensor& dzr, const Tensor& zr, const Opt&
     map.a[c] = T(g * inv);
     map.b[c] = T(k1);
     map.o[c] = T(-g * inv * sums[c] / m);
-  }
+  };
   Tensor dx = at::empty_like(zr);
-  group_map<kGradABN, A, T>(sh, std::vector<int64_t>(sh.N, 0), z, dz, map, p,
-                            dx.data_ptr<T>());
+  T* out = dx.data_ptr<T>();
+  if (in_blocks(sh, {sh.N})) {
+    const int64_t S = sh.S;
+    for_blocks(sh, bounds, false, [&](const bncpu::Layout&, int64_t, int64_t, int64_t c,
+                                      int64_t) {
+      block_sums<kGradABN, A, T>(z + c * S, dz + c * S, sh.N, C * S, S, map.ctr[c], p, sums[c],
+                                 sums[C + c]);
+      constants(c);
+      for (int64_t n = 0; n < sh.N; ++n) {
+        const int64_t base = (n * C + c) * S;
+        map_run<kGradABN, A, T>(z + base, dz + base, S, map.ctr[c], map.a[c], map.b[c],
+                                map.o[c], p, out + base);
+      }
+    });
+  } else {
+    group_sums<kGradABN, A, T>(sh, bounds, z, dz, map.ctr.data(), p, sums.data());
+    for (int64_t c = 0; c < C; ++c) constants(c);
+    group_map<kGradABN, A, T>(sh, std::vector<int64_t>(sh.N, 0), z, dz, map, p, out);
+  }
   return {dx, dgamma, dbeta};
 }
 
