@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from batchnorm.repro import inception as exp
 from batchnorm.repro.common import steps_to_reach
 from batchnorm.repro.image_data import load_data
 from batchnorm.repro.inception import VARIANTS, build_model, variant_spec
-from batchnorm.repro.inception_report import analyse
+from batchnorm.repro.inception_report import _summary, analyse, plateau
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,6 +101,38 @@ def test_analyse_steps_to_inception_max_and_chance():
     assert rows["inception-x5"]["steps_to_inception_max"] is None
     assert rows["inception-sigmoid"]["at_chance"] and not rows["bn-x5"]["at_chance"]
     assert steps_to_reach(records["bn-x5"]["history"], 0.95) is None
+    assert result["inception_plateau"] is None  # 5 evaluations: too few to judge
+
+
+@pytest.mark.parametrize("last, levelled", [(0.81, True), (0.83, False)])
+def test_plateau_compares_the_last_quarter_with_two_standard_errors(last, levelled):
+    # steps 0..90; the last quarter is after step 67.5: steps 70, 80, 90
+    accuracies = [0.1, 0.4, 0.6, 0.7, 0.75, 0.78, 0.8, 0.79, last, 0.8]
+    level = plateau(fake_record(accuracies)["history"], test_size=1000)
+    se = math.sqrt(0.8 * 0.2 / 1000)  # at the best before the last quarter, 0.8 (step 60)
+    assert level["from_step"] == 67 and level["best_before"] == 0.8
+    assert level["best_last_quarter"] == last
+    assert math.isclose(level["gain"], last - 0.8) and math.isclose(level["standard_error"], se)
+    assert level["levelled"] is levelled  # 2 se = 0.0253: +0.01 is within, +0.03 is not
+
+
+def test_summary_states_the_plateau_and_variants_stopped_early():
+    rising = [0.1, 0.3, 0.45, 0.55, 0.62, 0.68, 0.72, 0.75, 0.8, 0.85]
+    records = {"inception": fake_record(rising),
+               "bn-x5": fake_record([0.1, 0.6, 0.7]),  # stopped at step 20, below 0.85
+               "bn-x30": fake_record([0.1, 0.7, 0.86])}
+    records["bn-x5"]["complete"] = False
+    for name, record in records.items():
+        record.update(variant=asdict(VARIANTS[name]), seconds=1.0)
+    analysis = analyse(records, num_classes=10, test_size=1000)
+    args = argparse.Namespace(note=None, steps=90, batch_size=32, width=0.125, base_lr=0.01,
+                              momentum=0.9, base_weight_decay=2e-4, seed=0)
+    data = argparse.Namespace(name="fake", sizes=lambda: (100, 1000))
+    text = _summary(records, analysis, args, data, torch.device("meta"), decay_every=7)
+    assert "Plain Inception was still rising: its maximum is not yet a plateau" in text
+    assert "a gain of +0.1300" in text  # 0.85 after step 67 vs 0.72 (step 60) up to it
+    assert "| bn-x5 | 0.1 | not in its first 20 (stopped there) |" in text
+    assert "| bn-x30 | 0.1 | 20 | 4.5x |" in text  # inception reached 0.85 at step 90
 
 
 # ---------------------------------------------------------------------------- end to end
