@@ -23,7 +23,7 @@ from batchnorm.backends import plain_eager
 
 SOURCE = Path(__file__).parent.parent / "cpu" / "family_cpu.cpp"
 #: the core's headers it includes (part of the extension's name)
-HEADERS = tuple(SOURCE.parent / name for name in ("kernels.h", "contiguous.h"))
+HEADERS = tuple(SOURCE.parent / name for name in ("kernels.h", "contiguous.h", "rows.h"))
 ACTIVATION_CODES = {"identity": 0, "leaky_relu": 1, "elu": 2}
 _loaded: dict = {}
 

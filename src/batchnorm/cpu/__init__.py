@@ -33,7 +33,8 @@ _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("batchnorm_cpu.cpp", "train.cpp", "train_contiguous.cpp",
                                           "train_channels_last.cpp", "eval.cpp"))
 #: included by the sources: part of the extension's name, not compiled on their own
-HEADERS = (_HERE / "kernels.h", _HERE / "contiguous.h", _HERE / "batchnorm_cpu.h")
+HEADERS = (_HERE / "kernels.h", _HERE / "contiguous.h", _HERE / "rows.h",
+           _HERE / "batchnorm_cpu.h")
 _DTYPES = (torch.float32, torch.float64)
 _state: dict = {"module": None, "failed": False}
 

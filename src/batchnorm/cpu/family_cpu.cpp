@@ -24,10 +24,12 @@
 // group's samples' planes of one channel, tens of KB, for_blocks), each reduced, then rewritten
 // from the core's cache as the output. Forward statistics are the core's (shifted sums re-based
 // in double, see train.cpp); the backwards' sums are of dy and dy (x - mu) (in-place ABN: of
-// dy and dy (y - beta), from z). Rows take one pass for the sums and one for the map: statistics
-// as sums of x - K and (x - K)^2, K a value of the same group and channel, so no large offset
-// cancels; short chunks summed in T, their totals in double. Sums run in an order fixed by the
-// shape, so results do not depend on the number of threads.
+// dy and dy (y - beta), from z). Rows (2-D, channels-last) take one pass for the sums and one
+// for the map: Ghost BN and Batch Renorm run the core's row kernels (rows.h) on each group with
+// their own constants; in-place ABN has its own (group_sums, group_map): statistics as sums of
+// x - K and (x - K)^2, K a value of the same group and channel, so no large offset cancels;
+// short chunks summed in T, their totals in double. Sums run in an order fixed by the shape, so
+// results do not depend on the number of threads.
 
 #include <torch/extension.h>
 
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "contiguous.h"
+#include "rows.h"
 
 namespace {
 
@@ -375,6 +378,24 @@ bool in_blocks(const Shape& sh, const std::vector<int64_t>& sizes) {
          std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
 }
 
+// Whether grouped_train takes x a group of rows at a time with the core's row kernels (rows.h):
+// 2-D or channels-last, no empty group.
+bool in_row_groups(const Shape& sh, const std::vector<int64_t>& sizes) {
+  return sh.rows && sh.S > 0 &&
+         std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+}
+
+// Calls group(L, offset, g) for every group g of a rows tensor, in order: L the group's rows (its
+// samples' positions) as a layout of their own, starting offset values into the tensor. The row
+// kernels split each group over the threads.
+template <typename F>
+void for_row_groups(const Shape& sh, const std::vector<int64_t>& bounds, F&& group) {
+  for (int64_t g = 0; g + 1 < int64_t(bounds.size()); ++g) {
+    const int64_t rows = (bounds[g + 1] - bounds[g]) * sh.S;
+    group(bncpu::Layout{sh.C, rows, 1, sh.C, 1}, bounds[g] * sh.S * sh.C, g);
+  }
+}
+
 // Calls block(L, offset, k, c, c_end) for every (group g, channel c), k = g C + c, of a contiguous
 // tensor: L the group's samples as a layout of their own (rows = its samples), starting offset
 // values into the tensor, c_end where the task's channels of that group end (prefetching stops
@@ -437,9 +458,19 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
   };
   Tensor y = at::empty_like(xr);
   T* out = y.data_ptr<T>();
-  const bool blocks = in_blocks(sh, o.sizes);
-  Coefs<T> map(blocks ? 0 : G * C);
-  if (blocks) {
+  const bool blocks = in_blocks(sh, o.sizes), row_groups = in_row_groups(sh, o.sizes);
+  Coefs<T> map(blocks || row_groups ? 0 : G * C);
+  if (row_groups) {
+    const bool stream = streams(y);
+    for_row_groups(sh, bounds, [&](const bncpu::Layout& L, int64_t base, int64_t g) {
+      bncpu::rows_forward<T>(L, x + base, out + base, stream, mean + g * C, var.data() + g * C,
+                             [&](int64_t c) {
+                               bncpu::ForwardConstants<T> k;
+                               constants(g * C + c, c, k.mu_t, k.scale, k.shift);
+                               return k;
+                             });
+    });
+  } else if (blocks) {
     const bool stream = streams(y);
     for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
                                        int64_t c, int64_t c_end) {
@@ -471,7 +502,7 @@ Tensor grouped_forward(const Tensor& xr, const Opt& weight, const Opt& bias, con
       }
     }
   }
-  if (!blocks)
+  if (!blocks && !row_groups)
     group_map<kForward, kIdentity, T>(sh, group_of_samples(bounds), x, x, map, ActParams<T>{},
                                       out);
   return y;
@@ -505,7 +536,18 @@ std::vector<Tensor> grouped_backward(const Tensor& dyr, const Tensor& xr, const 
   Tensor dx;
   if (need_dx) dx = at::empty_like(xr);
   T* out = need_dx ? dx.data_ptr<T>() : nullptr;
-  if (in_blocks(sh, sizes)) {
+  if (in_row_groups(sh, sizes)) {
+    const bool stream = need_dx && streams(dx);
+    for_row_groups(sh, bounds, [&](const bncpu::Layout& L, int64_t base, int64_t g) {
+      bncpu::rows_backward<T>(L, x + base, dy + base, mean + g * C, out ? out + base : nullptr,
+                              stream, [&](int64_t c, T ctr, double m, double s1, double s2) {
+                                bncpu::BackwardConstants<T> k;
+                                constants(g * C + c, c, m, ctr, s1, s2, k.gain, k.slope,
+                                          k.offset);
+                                return k;
+                              });
+    });
+  } else if (in_blocks(sh, sizes)) {
     const bool stream = need_dx && streams(dx);
     for_blocks(sh, bounds, stream, [&](const bncpu::Layout& L, int64_t base, int64_t k,
                                        int64_t c, int64_t c_end) {

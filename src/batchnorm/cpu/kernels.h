@@ -7,7 +7,7 @@
 //   NCS: contiguous (N, C, S), S > 1: channel c is N runs of S contiguous values
 //        (train_contiguous.cpp);
 //   MC:  (M, C) rows (2-D input, or channels-last viewed as rows of C channels)
-//        (train_channels_last.cpp).
+//        (train_channels_last.cpp, from the pieces in rows.h).
 //
 // Passes over memory. NCS works channel by channel (threads take blocks of channels, in one
 // parallel region per direction): a channel's values are first reduced (statistics, or the
@@ -173,6 +173,7 @@ inline void stream_run(T* out, int64_t n, S&& scalar, V&& vec) {
 template <typename T>
 struct ForwardConstants {
   T mu_t, scale, shift;
+  ForwardConstants() = default;  // filled by a caller with constants of its own (BN family)
   ForwardConstants(double mu, double invstd, const T* w, const T* b, int64_t c) {
     mu_t = T(mu);
     const double g = w ? double(w[c]) : 1.0, be = b ? double(b[c]) : 0.0;
@@ -187,6 +188,7 @@ struct ForwardConstants {
 template <typename T>
 struct BackwardConstants {
   T gain, slope, offset;
+  BackwardConstants() = default;  // filled by a caller with constants of its own (BN family)
   BackwardConstants(double mu, T mu_t, double inv, const T* w, int64_t c, double m, double sdy,
                     double sdyxc, T* dgamma, T* dbeta) {
     const double rounding = mu - double(mu_t);
