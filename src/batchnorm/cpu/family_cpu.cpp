@@ -385,14 +385,25 @@ bool in_row_groups(const Shape& sh, const std::vector<int64_t>& sizes) {
          std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
 }
 
-// Calls group(L, offset, g) for every group g of a rows tensor, in order: L the group's rows (its
-// samples' positions) as a layout of their own, starting offset values into the tensor. The row
-// kernels split each group over the threads.
+// Calls group(L, offset, g) for every group g of a rows tensor: L the group's rows (its samples'
+// positions) as a layout of their own, starting offset values into the tensor. One group (Batch
+// Renorm): the row kernels split it over the threads. Several (Ghost BN's virtual batches, often
+// too few rows each to split): threads take whole groups, each run on one thread (the row
+// kernels do not start threads inside a parallel region). Either way a group's sums run in an
+// order fixed by its shape, so results do not depend on the number of threads.
 template <typename F>
 void for_row_groups(const Shape& sh, const std::vector<int64_t>& bounds, F&& group) {
-  for (int64_t g = 0; g + 1 < int64_t(bounds.size()); ++g) {
-    const int64_t rows = (bounds[g + 1] - bounds[g]) * sh.S;
-    group(bncpu::Layout{sh.C, rows, 1, sh.C, 1}, bounds[g] * sh.S * sh.C, g);
+  const int64_t G = int64_t(bounds.size()) - 1;
+  const auto run = [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t rows = (bounds[g + 1] - bounds[g]) * sh.S;
+      group(bncpu::Layout{sh.C, rows, 1, sh.C, 1}, bounds[g] * sh.S * sh.C, g);
+    }
+  };
+  if (G == 1) {
+    run(0, 1);
+  } else {
+    at::parallel_for(0, G, 1, run);
   }
 }
 
