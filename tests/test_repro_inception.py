@@ -102,6 +102,12 @@ def test_analyse_steps_to_inception_max_and_chance():
     assert rows["inception-sigmoid"]["at_chance"] and not rows["bn-x5"]["at_chance"]
     assert steps_to_reach(records["bn-x5"]["history"], 0.95) is None
     assert result["inception_plateau"] is None  # 5 evaluations: too few to judge
+    at_95 = result["levels"][1]  # 0.95 x 0.8 = 0.76: inception at step 30, bn-x5 at 10
+    assert at_95["fraction"] == 0.95 and math.isclose(at_95["accuracy"], 0.76)
+    assert at_95["steps"]["inception"] == 30 and at_95["steps"]["bn-x5"] == 10
+    assert at_95["speedup"]["bn-x5"] == 3.0 and at_95["steps"]["inception-x5"] is None
+    at_90 = result["levels"][0]  # 0.72: inception at step 30 (0.7 < 0.72), bn-x5 at 10
+    assert at_90["steps"]["inception"] == 30
 
 
 @pytest.mark.parametrize("last, levelled", [(0.81, True), (0.83, False)])
@@ -129,10 +135,15 @@ def test_summary_states_the_plateau_and_variants_stopped_early():
                               momentum=0.9, base_weight_decay=2e-4, seed=0)
     data = argparse.Namespace(name="fake", sizes=lambda: (100, 1000))
     text = _summary(records, analysis, args, data, torch.device("meta"), decay_every=7)
-    assert "Plain Inception was still rising: its maximum is not yet a plateau" in text
+    assert "was still rising by this rule: its maximum is not yet a plateau" in text
     assert "a gain of +0.1300" in text  # 0.85 after step 67 vs 0.72 (step 60) up to it
-    assert "| bn-x5 | 0.1 | not in its first 20 (stopped there) |" in text
+    assert "| bn-x5 | 0.1 | not in its first 20 (stopped there) | - | 70.00% (20, stopped at 20) |" \
+        in text
     assert "| bn-x30 | 0.1 | 20 | 4.5x |" in text  # inception reached 0.85 at step 90
+    # levels 90%, 95%, ... of 0.85: 0.765 reached by inception at step 80, 0.8075 at 90; bn-x30
+    # reaches both at step 20
+    assert "| bn-x30 | 20 (4.0x) | 20 (4.5x) |" in text
+    assert "| bn-x5 | never | never |" in text
 
 
 # ---------------------------------------------------------------------------- end to end
