@@ -150,8 +150,8 @@ def _figure2(path: Path, records, analysis, data: Data) -> None:
 def _level_lines(table: list[dict], rows: dict) -> list[str]:
     if not table:
         return []
-    lines = ["", "Steps to lower levels (fractions of plain Inception's maximum), speed-up over plain "
-             "Inception in brackets:", "",
+    lines = ["", "Steps to lower levels (fractions of plain Inception's maximum), speed-up over "
+             "plain Inception in brackets:", "",
              "| network | " + " | ".join(f"{100 * t['fraction']:.0f}% ({t['accuracy']:.4f})"
                                         for t in table) + " |",
              "|---|" + "---|" * len(table)]
