@@ -137,7 +137,8 @@ def test_summary_states_the_plateau_and_variants_stopped_early():
     text = _summary(records, analysis, args, data, torch.device("meta"), decay_every=7)
     assert "was still rising by this rule: its maximum is not yet a plateau" in text
     assert "a gain of +0.1300" in text  # 0.85 after step 67 vs 0.72 (step 60) up to it
-    stopped = "| bn-x5 | 0.1 | not in its first 20 (stopped there) | - | 70.00% (20, stopped at 20) |"
+    stopped = ("| bn-x5 | 0.1 | not in its first 20 (stopped there) | - "
+               "| 70.00% (20, stopped at 20) |")
     assert stopped in text
     assert "| bn-x30 | 0.1 | 20 | 4.5x |" in text  # inception reached 0.85 at step 90
     # levels 90%, 95%, ... of 0.85: 0.765 reached by inception at step 80, 0.8075 at 90; bn-x30
