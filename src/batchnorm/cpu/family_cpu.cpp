@@ -371,18 +371,20 @@ struct GroupedOptions {
   bool sigma_average;            // renorm: average sigma (the paper) instead of the variance
 };
 
+bool no_empty_group(const std::vector<int64_t>& sizes) {
+  return std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+}
+
 // Whether grouped_train reads x a (group, channel) block at a time (contiguous.h): contiguous
 // planes of S > 1 values, no empty group.
 bool in_blocks(const Shape& sh, const std::vector<int64_t>& sizes) {
-  return !sh.rows && sh.S > 1 &&
-         std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+  return !sh.rows && sh.S > 1 && no_empty_group(sizes);
 }
 
 // Whether grouped_train takes x a group of rows at a time with the core's row kernels (rows.h):
 // 2-D or channels-last, no empty group.
 bool in_row_groups(const Shape& sh, const std::vector<int64_t>& sizes) {
-  return sh.rows && sh.S > 0 &&
-         std::all_of(sizes.begin(), sizes.end(), [](int64_t n) { return n > 0; });
+  return sh.rows && sh.S > 0 && no_empty_group(sizes);
 }
 
 // Calls group(L, offset, g) for every group g of a rows tensor: L the group's rows (its samples'

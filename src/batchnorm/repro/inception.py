@@ -178,8 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--stop-at", type=int, default=0,
                         help="stop the variant after this step, keeping the schedule of --steps "
-                             "(e.g. once a BN variant has passed plain Inception's plateau); "
-                             "--resume continues it (0: run to --steps)")
+                             "(e.g. once a BN variant has passed plain Inception's plateau; "
+                             "with --all the run stops at that variant); --resume continues it "
+                             "(0: run to --steps)")
 
 
 def build_model(variant: Variant, data: Data, width: float = 1.0) -> nn.Module:
