@@ -365,7 +365,8 @@ def test_tensor_subclasses_take_the_aten_path(training):
                                         ((64, 13, 80, 80), torch.channels_last)])  # rows of 13
 def test_large_outputs(shape, fmt, rng):
     """From 16 MB on, y and dx are written with streaming stores (from a 32-byte boundary on,
-    the values before it and after the last full vector are stored one by one)."""
+    the values before it and after the last full vector are stored one by one); from 4 MB on,
+    the channels-last reductions prefetch rows ahead, up to the last ones."""
     x, w, b, dy = _inputs(shape, fmt, torch.float32, rng, 2.0)
     xg = x.clone().requires_grad_()
     y = training_batch_norm(xg, w, b, None, None, 0.1, 1e-5)

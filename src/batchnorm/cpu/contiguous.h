@@ -95,16 +95,6 @@ struct GradientSums {  // sum(dy), sum(dy (x - mu))
 // measured no faster.)
 constexpr int64_t kPrefetchBytes = 1024;  // per run: longer runs are streamed by the hardware
 
-// One line, as volatile asm on x86: GCC dropped every __builtin_prefetch from a version of these
-// loops (they have no effect it must keep), silently.
-inline void prefetch_line(const char* p) {
-#if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht0 %0" : : "m"(*p));
-#else
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
-
 template <typename T>
 struct Prefetch {
   const Layout& L;

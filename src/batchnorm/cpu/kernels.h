@@ -166,6 +166,17 @@ inline void stream_run(T* out, int64_t n, S&& scalar, V&& vec) {
   for (; j < n; ++j) out[j] = scalar(j);
 }
 
+// ---- software prefetch ---------------------------------------------------------------------
+// One cache line, as volatile asm on x86: GCC silently dropped every __builtin_prefetch from a
+// version of the NCS loops (contiguous.h), since they have no effect it must keep.
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // ---- per-channel constants of the output passes --------------------------------------------
 // Per-channel constants of y = (x - mu_T) scale + shift' from the double statistics: x - mu_T is
 // exact for x near mu (Sterbenz), which keeps y accurate when the data has a large offset;

@@ -26,6 +26,28 @@ constexpr int64_t kChunkRows = 128;
 constexpr int64_t kMaxRowBlocks = 64;
 constexpr int64_t kOriginRows = 8;  // a block's origin is the mean of its first rows
 
+// On tensors larger than the cache, the reduction passes prefetch the rows kRowPrefetchBytes
+// ahead of the four they read: the hardware prefetcher alone left them well under the memory's
+// rate (measured, 1 thread, median of 3 alternating runs: 25 MB channels-last step 8.4 vs 10.0
+// ms). Below kRowPrefetchMinBytes the data is mostly cached and the extra instructions only cost
+// (measured: (256, 1024) 5-10% slower).
+constexpr int64_t kRowPrefetchBytes = 2048;
+constexpr int64_t kRowPrefetchMinBytes = int64_t(4) << 20;
+
+// How many rows ahead to prefetch; 0 for tensors too small to gain from it.
+template <typename T>
+inline int64_t prefetch_rows(const Layout& L) {
+  if (L.rows * L.outer * int64_t(sizeof(T)) < kRowPrefetchMinBytes) return 0;
+  return std::max<int64_t>(1, kRowPrefetchBytes / (L.outer * int64_t(sizeof(T))));
+}
+
+// Asks for the n values of a row at p, a cache line at a time (prefetches do not fault).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  for (int64_t k = 0; k < n * int64_t(sizeof(T)); k += 64) prefetch_line(b + k);
+}
+
 struct RowBlocks {
   int64_t count, rows_per_block;
   explicit RowBlocks(int64_t rows) {
@@ -48,7 +70,7 @@ struct RowBlocks {
 template <typename T>
 void mc_moments_blocks(const Layout& L, const T* x, const RowBlocks& blocks, int64_t b0,
                        int64_t b1, double* part, T* scratch) {
-  const int64_t C = L.C, rows = L.rows;
+  const int64_t C = L.C, rows = L.rows, ahead = prefetch_rows<T>(L);
   T *shift = scratch, *s1 = shift + C, *s2 = s1 + C;
   for (int64_t blk = b0; blk < b1; ++blk) {
     double *R = part + blk * 3 * C, *A = R + C, *B = A + C;
@@ -75,6 +97,8 @@ void mc_moments_blocks(const Layout& L, const T* x, const RowBlocks& blocks, int
       for (; r + 4 <= i1; r += 4) {  // four rows at a time: fewer loads and stores of the sums
         const T *x0 = x + r * L.outer, *x1 = x0 + L.outer, *x2 = x1 + L.outer,
                 *x3 = x2 + L.outer;
+        if (ahead && r + ahead + 4 <= rows)
+          for (int64_t k = 0; k < 4; ++k) prefetch_row(x0 + (ahead + k) * L.outer, C);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const T sh = shift[c];
@@ -127,7 +151,7 @@ template <typename T>
 void mc_gradient_blocks(const Layout& L, const T* x, const T* dy, const T* mu_t,
                         const RowBlocks& blocks, int64_t b0, int64_t b1, double* part,
                         T* scratch) {
-  const int64_t C = L.C, rows = L.rows;
+  const int64_t C = L.C, rows = L.rows, ahead = prefetch_rows<T>(L);
   T *s1 = scratch, *s2 = s1 + C;
   for (int64_t blk = b0; blk < b1; ++blk) {
     double *P1 = part + blk * 2 * C, *P2 = P1 + C;
@@ -143,6 +167,11 @@ void mc_gradient_blocks(const Layout& L, const T* x, const T* dy, const T* mu_t,
                 *x3 = x2 + L.outer;
         const T *g0 = dy + r * L.outer, *g1 = g0 + L.outer, *g2 = g1 + L.outer,
                 *g3 = g2 + L.outer;
+        if (ahead && r + ahead + 4 <= rows)
+          for (int64_t k = 0; k < 4; ++k) {
+            prefetch_row(x0 + (ahead + k) * L.outer, C);
+            prefetch_row(g0 + (ahead + k) * L.outer, C);
+          }
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const T mu = mu_t[c];
