@@ -259,6 +259,45 @@ def test_eval_kernel_matches_the_aten_path(shape, fmt, dtype, affine, rng):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, fmt", SHAPES)
+def test_fixed_affine_kernel(shape, fmt, dtype, rng):
+    """Frozen BN's map: y = x * scale + shift and dx = dy * scale, each one pass in the input's
+    layout with every element written, against float64; scale and shift in float64 are cast to
+    x's dtype first, as the ATen form (``addcmul``) does."""
+    x, _, _, dy = _inputs(shape, fmt, dtype, rng, 3.0)
+    scale, shift = (torch.randn(shape[1], generator=rng, dtype=torch.float64) for _ in "ab")
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    a, s = scale.to(dtype).double().view(view), shift.to(dtype).double().view(view)
+    xg = x.clone().requires_grad_()
+    _poison(x)
+    y = cpu.fixed_affine(xg, scale, shift)
+    assert y.grad_fn.name().endswith("FixedAffine>")
+    _poison(x)
+    y.backward(dy)
+    tol = 1e-15 if dtype == torch.float64 else 1e-6
+    for got, expected in ((y, x.double() * a + s), (xg.grad, dy.double() * a)):
+        assert got.dtype == dtype and got.stride() == x.stride() and not got.isnan().any()
+        assert rel_err(got, expected) < tol
+    with torch.no_grad():
+        assert torch.equal(cpu.fixed_affine(x, scale, shift), y.detach())
+
+
+@needs_kernels
+def test_fixed_affine_steps_aside(rng):
+    """None (the caller's ATen form) when scale or shift need a gradient or do not have one
+    value per channel, for an empty input, and under a torch.func transform."""
+    x, w, b, _ = _inputs((4, 3, 5), None, torch.float32, rng, 0.0)
+    assert cpu.fixed_affine(x, w.clone().requires_grad_(), b) is None
+    assert cpu.fixed_affine(x, w, b.clone().requires_grad_()) is None
+    assert cpu.fixed_affine(x, w[:2], b) is None and cpu.fixed_affine(x, w, b[None]) is None
+    assert cpu.fixed_affine(x[:0], w, b) is None
+    seen = []
+    torch.func.vmap(lambda t: seen.append(cpu.fixed_affine(t, w, b)) or t)(x[None])
+    assert seen == [None]
+
+
+@needs_kernels
 def test_eval_kernel_with_buffers_of_another_dtype(rng):
     x, w, b, _ = _inputs((5, 4, 3), None, torch.float64, rng, 1.0)
     w, b, rm, rv = (t.float() for t in (w, b, torch.randn(4, generator=rng),

@@ -270,7 +270,11 @@ def test_kernels_stay_out_of_graph_tools(tool):
     a graph cannot see) step aside for their ATen forms: the graph computes what eager does."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(8, 3, 5, 5, generator=gen)
-    for layer in (variants.GhostBatchNorm2d(3, ghost_batch_size=4), variants.InPlaceABN2d(3)):
+    frozen = variants.FrozenBatchNorm2d(3)
+    for buffer in frozen.buffers():
+        buffer.copy_(torch.rand(3, generator=gen) + 0.5)
+    for layer in (variants.GhostBatchNorm2d(3, ghost_batch_size=4), variants.InPlaceABN2d(3),
+                  frozen):
         expected = copy.deepcopy(layer)(x)
         model = copy.deepcopy(layer)
         if tool == "jit.trace":
@@ -282,3 +286,8 @@ def test_kernels_stay_out_of_graph_tools(tool):
         else:
             got = torch.export.export(model, (x,)).module()(x)
         assert rel_err(got, expected) < 1e-5, (type(layer).__name__, tool)
+    if tool == "jit.trace":  # the frozen map is recorded, not baked in as a constant
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(frozen, x)
+        assert rel_err(traced(2 * x), frozen(2 * x)) < 1e-6

@@ -124,3 +124,13 @@ def infer(x: torch.Tensor, weight, bias, running_mean, running_var, eps: float):
     if x.dtype not in _DTYPES or not x.is_cpu or (module := extension()) is None:
         return None
     return module.infer(x, weight, bias, running_mean, running_var, eps)
+
+
+def fixed_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """Frozen BN's map ``x * scale + shift`` with fixed per-channel ``scale`` and ``shift`` (no
+    gradient to them; cast to ``x``'s dtype), one pass each way (``dx = dy * scale``), multiply
+    and add rounded apart like the eval kernel's; or ``None`` when the kernels cannot take the
+    call: then the caller uses ATen operations."""
+    if x.dtype not in _DTYPES or not x.is_cpu or x.numel() == 0 or (module := extension()) is None:
+        return None
+    return module.fixed_affine(x, scale, shift)

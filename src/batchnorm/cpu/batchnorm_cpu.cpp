@@ -171,6 +171,42 @@ class InferenceBatchNorm : public torch::autograd::Function<InferenceBatchNorm> 
   }
 };
 
+// Frozen BN's map y = x * scale + shift with fixed scale and shift (no gradient): one pass each
+// way, dx = dy * scale. The backward is the ATen product when it must be differentiable
+// (create_graph=True) or the gradient has no storage (see TrainingBatchNorm).
+class FixedAffine : public torch::autograd::Function<FixedAffine> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& scale, const at::Tensor& shift) {
+    ctx->saved_data["scale"] = scale;
+    return bncpu::affine(x, scale, shift);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor scale = ctx->saved_data["scale"].toTensor(), &dy = grads[0];
+    const at::Tensor dx = at::GradMode::is_enabled() || !dy.has_storage()
+                              ? dy * scale.to(dy.scalar_type()).view(channel_shape(dy))
+                              : bncpu::affine(dy, scale, c10::nullopt);
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// Frozen BN through the kernel, or None when it cannot take the call: outside plain eager mode,
+// when scale or shift require a gradient (the caller's ATen form differentiates them), or are
+// not (C,) CPU tensors (the ATen form then raises its error).
+py::object fixed_affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  const auto per_channel = [&](const at::Tensor& t) {
+    return t.dim() == 1 && x.dim() >= 2 && t.size(0) == x.size(1) && t.is_cpu() &&
+           t.is_floating_point() && !t.requires_grad();
+  };
+  if (!plain_eager(x, scale, shift) || !per_channel(scale) || !per_channel(shift))
+    return py::none();
+  if (!at::GradMode::is_enabled() || !x.requires_grad())
+    return py::cast(bncpu::affine(x, scale, shift));
+  return py::cast(FixedAffine::apply(x, scale, shift));
+}
+
 // Training BN through the kernels, or None when they cannot take the call (see plain_eager):
 // the caller then uses an ATen form.
 py::object train(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
@@ -202,4 +238,5 @@ py::object infer_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train, "BN in training mode with its closed-form backward (fused, CPU)");
   m.def("infer", &infer_autograd, "BN in eval mode: one pass y = x * scale + shift (CPU)");
+  m.def("fixed_affine", &fixed_affine, "frozen BN: y = x * scale + shift, fixed scale and shift");
 }

@@ -74,4 +74,10 @@ at::Tensor infer(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                  const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                  const at::Tensor& running_var, double eps);
 
+// A fixed per-channel affine map in one pass of the eval kernel: y = x * scale + shift in x's
+// layout (no shift: y = x * scale), scale and shift (C,) tensors cast to x's dtype. Frozen BN's
+// forward, and its backward dx = dy * scale.
+at::Tensor affine(const at::Tensor& x, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& shift);
+
 }  // namespace bncpu

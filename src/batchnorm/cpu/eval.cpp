@@ -1,7 +1,7 @@
 // Eval (inference) BN: y = x * scale + shift, one pass over memory in either layout (see
 // kernels.h), with scale = gamma * rsqrt(running_var + eps) and shift = beta - running_mean *
 // scale computed in x's dtype, as the ATen path does (the same bits). Never streamed: the next
-// layer reads the output at once.
+// layer reads the output at once. affine() is the same pass with the constants given (frozen BN).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -66,6 +66,23 @@ at::Tensor infer(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
       shift[c] = bp ? bp[c] - mp[c] * scale[c] : -(mp[c] * scale[c]);
     }
     infer_impl<T>(xr, scale.data(), shift.data(), y.data_ptr<T>());
+  });
+  return y;
+}
+
+at::Tensor affine(const at::Tensor& x, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& shift) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "batchnorm_cpu: input must be a CPU tensor "
+              "of rank >= 2");
+  const at::Tensor xr = readable(x);
+  at::Tensor y = at::empty_like(xr);
+  const auto dtype = x.scalar_type();
+  const at::Tensor a = *as_dtype(scale, dtype);
+  const auto b = as_dtype(shift, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "batchnorm_cpu_affine", [&] {
+    using T = scalar_t;
+    std::vector<T> zeros(b ? 0 : xr.size(1), T(0));
+    infer_impl<T>(xr, a.data_ptr<T>(), b ? b->data_ptr<T>() : zeros.data(), y.data_ptr<T>());
   });
   return y;
 }

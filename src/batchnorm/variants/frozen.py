@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm import cpu as cpu_kernels
+from batchnorm.backends import fused_candidate
 from batchnorm.variants._core import ACTIVATIONS, OURS, BatchNormBase, check_activation, replace
 
 
@@ -95,9 +97,13 @@ class FrozenBatchNorm(nn.Module):
                              f"(dimension 1 of shape {tuple(input.shape)}), expected "
                              f"num_features={self.num_features}")
         scale, shift = self.scale_shift()
-        view = (1, -1, *([1] * (input.dim() - 2)))
-        y = torch.addcmul(shift.to(input.dtype).view(view), input,
-                          scale.to(input.dtype).view(view))
+        y = None  # one pass each way in plain eager mode, else what graph tools can see:
+        if fused_candidate(input, scale, shift):
+            y = cpu_kernels.fixed_affine(input, scale, shift)
+        if y is None:  # addcmul (it rounds the multiply-add once, the kernel twice)
+            view = (1, -1, *([1] * (input.dim() - 2)))
+            y = torch.addcmul(shift.to(input.dtype).view(view), input,
+                              scale.to(input.dtype).view(view))
         if isinstance(self.activation, str):
             return ACTIVATIONS[self.activation](y)
         return y if self.activation is None else self.activation(y)
