@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm import cpu as cpu_kernels
 from batchnorm.backends import fused_candidate
 from batchnorm.variants._core import ACTIVATIONS, OURS, BatchNormBase, check_activation, replace
 
@@ -99,7 +98,9 @@ class FrozenBatchNorm(nn.Module):
         scale, shift = self.scale_shift()
         y = None  # one pass each way in plain eager mode, else what graph tools can see:
         if fused_candidate(input, scale, shift):
-            y = cpu_kernels.fixed_affine(input, scale, shift)
+            from batchnorm import cpu  # on first use: importing the package loads no backend
+
+            y = cpu.fixed_affine(input, scale, shift)
         if y is None:  # addcmul (it rounds the multiply-add once, the kernel twice)
             view = (1, -1, *([1] * (input.dim() - 2)))
             y = torch.addcmul(shift.to(input.dtype).view(view), input,
