@@ -132,11 +132,11 @@ def ghost_forward(module, input: torch.Tensor, residual: torch.Tensor | None = N
     the module computes with batch statistics): the running statistics, when kept, are updated
     per virtual batch and ``num_batches_tracked`` counts virtual batches. This is the branch
     ``batchnorm.BatchNorm*d(..., ghost_batch_size=g)`` takes, after its input checks."""
-    buffers = module._buffers
+    buffers, params = module._buffers, module._parameters  # dicts: no Module.__getattr__
     update = module.training and module.track_running_stats
     return ghost_batch_norm(
         input, buffers["running_mean"] if update else None,
-        buffers["running_var"] if update else None, module.weight, module.bias, True,
+        buffers["running_var"] if update else None, params["weight"], params["bias"], True,
         module.momentum if update else 0.0, module.eps, ghost_batch_size=module.ghost_batch_size,
         num_batches_tracked=buffers["num_batches_tracked"] if update else None,
         activation=module.activation, residual=residual, backend=module.backend,

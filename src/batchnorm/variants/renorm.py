@@ -241,15 +241,15 @@ class _RenormMixin:
         if not self.training:
             return super().forward(input, residual)
         self._check_input_dim(input)
-        buffers = self._buffers
+        buffers, params = self._buffers, self._parameters  # dicts: see averaging_factor
         if callable(self.r_max) or callable(self.d_max):  # a schedule: needs the step
             r_max, d_max = self.bounds(int(buffers["num_batches_tracked"]))
         else:  # fixed bounds, checked by batch_renorm
             r_max, d_max = self.r_max, self.d_max
         factor = averaging_factor(self)
         return batch_renorm(
-            input, buffers["running_mean"], buffers["running_var"], self.weight, self.bias,
-            True, factor, self.eps, r_max=r_max, d_max=d_max,
+            input, buffers["running_mean"], buffers["running_var"], params["weight"],
+            params["bias"], True, factor, self.eps, r_max=r_max, d_max=d_max,
             running_average=self.running_average, activation=self.activation,
             residual=residual, backend=self.backend,
         )
